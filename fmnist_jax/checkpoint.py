@@ -1,0 +1,109 @@
+"""Rolling Orbax checkpoints of one run folder, each with JSON metadata beside the state.
+
+A checkpoint at step N holds the `TrainState` after N updates (params, optimizer
+state, step and PRNG key) and a JSON item with the format version, the config,
+the epoch, the metric history and the training segments. Orbax writes each step
+to a temporary folder and renames it when complete, so an interrupted save is
+never listed as a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from fmnist_jax.errors import CheckpointError
+from fmnist_jax.steps import TrainState
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_ITEM = "state"
+METADATA_ITEM = "metadata"
+# The metric `BestN` ranks epoch-end checkpoints by; mid-epoch saves carry none.
+BEST_METRIC = "val/accuracy"
+
+
+class RunCheckpoints:
+    """The checkpoints of one run: save, list, read metadata, restore and wait."""
+
+    def __init__(self, directory: pathlib.Path, keep: int, *, keep_best: bool = False,
+                 asynchronous: bool = True):
+        policies = [checkpoint_managers.LatestN(n=keep)]
+        if keep_best:
+            policies.append(checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=asynchronous,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+        self.directory = directory
+        self._manager = ocp.CheckpointManager(
+            directory, item_names=(STATE_ITEM, METADATA_ITEM), options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._manager.best_step()
+
+    def save(self, state: TrainState, metadata: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
+        """Start saving `state` and `metadata` at `state.step`; the write finishes in the background."""
+        step = int(state.step)
+        metadata = {"format_version": FORMAT_VERSION, "step": step, **metadata}
+        self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(_arrays_of(state)),
+            METADATA_ITEM: ocp.args.JsonSave(metadata),
+        }))
+        logger.debug("saving step %d to %s", step, self.directory)
+
+    def read_metadata(self, step: int) -> dict[str, Any]:
+        """Return the JSON metadata of `step`, checking its format version."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            METADATA_ITEM: ocp.args.JsonRestore()}))
+        metadata = restored[METADATA_ITEM]
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} has format version {version}, but this "
+                f"fmnist-jax reads version {FORMAT_VERSION}; use the fmnist-jax that wrote it "
+                "or start a new run with --run NAME")
+        return metadata
+
+    def restore(self, step: int, template: TrainState) -> TrainState:
+        """Return `template` with the arrays of checkpoint `step`, placed as `template`'s are."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays_of(template))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardRestore(abstract)}))
+        except ValueError as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} does not match this model "
+                f"({_first_line(error)}); resume with the settings it was saved with") from error
+        logger.info("restored step %d from %s", step, self.directory)
+        return template.replace(**restored[STATE_ITEM])
+
+    def wait(self) -> None:
+        """Block until every pending save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _arrays_of(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+            "rng": state.rng}
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
