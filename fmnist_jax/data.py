@@ -25,6 +25,8 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
+from fmnist_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -93,7 +95,7 @@ _REPLACE_HINT = (
 )
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Fashion-MNIST files that are missing, invalid or cannot be fetched.
 
     The message is one line that names the file, folder or URL, the problem

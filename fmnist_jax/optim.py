@@ -65,6 +65,6 @@ def build_schedule(config: TrainConfig, start_step: int, steps_per_epoch: int) -
         raise ValueError(f"unknown schedule {config.schedule!r}")
 
     def schedule(step: jnp.ndarray) -> jnp.ndarray:
-        return base(step - start_step)
+        return jnp.asarray(base(step - start_step), jnp.float32)
 
     return schedule

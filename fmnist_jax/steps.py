@@ -44,8 +44,10 @@ def create_train_state(model: CNN, tx: optax.GradientTransformation, lr_schedule
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
     # One compiled init instead of one small compilation per parameter initializer.
     params = jax.jit(model.init)(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             lr_schedule=lr_schedule, rng=rng)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              lr_schedule=lr_schedule, rng=rng)
+    # A concrete int32 step, not Python's 0, so the first update compiles like every later one.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def _loss_and_logits(params: Any, state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -151,7 +153,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices
             "loss_sum": totals["loss_sum"] + jnp.where(finite, metrics["loss"], 0.0),
             "accuracy_sum": totals["accuracy_sum"] + jnp.where(finite, metrics["accuracy"], 0.0),
             "steps": totals["steps"] + finite.astype(jnp.int32),
-            "last_lr": metrics["lr"].astype(jnp.float32),
+            "last_lr": metrics["lr"],
             "nonfinite": ~finite,
         }
         return state, totals, i + 1

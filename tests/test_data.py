@@ -1,7 +1,7 @@
 """Tests for fmnist_jax.data against the real Fashion-MNIST files.
 
-The real files are taken from $FMNIST_SHARED_DATA, or else from
-../shared/fashion-mnist beside the repository. No test uses the network: the
+The real files are read from $FMNIST_SHARED_DATA, or else from the
+shared/fashion-mnist folder beside the repository. No test uses the network: the
 download tests use an HTTP server on 127.0.0.1, and the default mirrors are
 replaced by an unreachable loopback address.
 """
@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from fmnist_jax import data
+from fmnist_jax.errors import UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -177,6 +178,10 @@ def test_cache_dir_xdg_and_home(monkeypatch, tmp_path):
     # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
     assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "fmnist-jax"
+
+
+def test_data_error_is_user_error():
+    assert issubclass(data.DataError, UserError)
 
 
 def test_unknown_source_rejected():
@@ -578,7 +583,7 @@ def test_tfds_rejects_repacked_gzip(shared_dir, tmp_path):
 
 
 # NOTE: tensorflow-datasets 4.9.10 encodes all 70000 images as PNG while
-# preparing, so this test took about 31 s on a shared 2-core CPU machine.
+# preparing, so this test took 31-35 s on a shared 2-core CPU machine.
 @pytest.mark.skipif(not HAS_TFDS, reason="needs tensorflow-datasets: pip install .[tfds]")
 def test_tfds_from_manual_dir(shared_dir, isolated_locations):
     start = time.monotonic()

@@ -1,0 +1,60 @@
+"""The CNN's shape, parameter count and its two convolution implementations."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fmnist_jax.model import CNN, max_pool_2x2, resolve_conv
+
+
+def count_params(params) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("width, expected", [(8, 5762), (16, 14970)])
+def test_param_count_matches_pytorch_original(width, expected):
+    # Per width w: conv 9w+w, three convs 9w*w+w, dense 49w*10+10, as torch counts them.
+    params = CNN(width=width).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    assert count_params(params) == expected
+
+
+def test_output_is_batch_by_ten_logits():
+    model = CNN(width=4, conv="matmul")
+    images = jnp.zeros((5, 28, 28, 1))
+    params = model.init(jax.random.PRNGKey(0), images)
+    assert model.apply(params, images).shape == (5, 10)
+
+
+def test_implementations_share_params_and_outputs():
+    images = jnp.asarray(np.random.default_rng(0).random((6, 28, 28, 1), np.float32))
+    labels = jnp.asarray([0, 1, 2, 3, 4, 5])
+    xla, matmul = CNN(width=8, conv="xla"), CNN(width=8, conv="matmul")
+    params = xla.init(jax.random.PRNGKey(0), images)
+    chex.assert_trees_all_equal_shapes(params, matmul.init(jax.random.PRNGKey(0), images))
+    np.testing.assert_allclose(matmul.apply(params, images), xla.apply(params, images),
+                               rtol=1e-5, atol=1e-5)
+
+    def grads(model):
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(
+                model.apply(p, images), labels).mean()
+        return jax.grad(loss)(params)
+
+    chex.assert_trees_all_close(grads(matmul), grads(xla), rtol=1e-4, atol=1e-6)
+
+
+def test_max_pool_takes_window_maximum():
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(max_pool_2x2(x)[0, :, :, 0], [[5.0, 7.0], [13.0, 15.0]])
+
+
+def test_auto_conv_follows_backend():
+    assert resolve_conv("auto", "cpu") == "matmul"
+    assert resolve_conv("auto", "gpu") == "xla"
+    assert resolve_conv("auto", "tpu") == "xla"
+    assert resolve_conv("xla", "cpu") == "xla"
