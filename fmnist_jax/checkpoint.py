@@ -53,13 +53,16 @@ class RunCheckpoints:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        return self._manager.best_step()
+        """Return the kept step with the highest validation accuracy, or None if none has one."""
+        scored = [(metrics[BEST_METRIC], step) for step in self.steps()
+                  if BEST_METRIC in (metrics := self.read_metadata(step).get("metrics") or {})]
+        return max(scored)[1] if scored else None
 
     def save(self, state: TrainState, metadata: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
         """Start saving `state` and `metadata` at `state.step`; the write finishes in the background."""
         step = int(state.step)
-        metadata = {"format_version": FORMAT_VERSION, "step": step, **metadata}
+        metadata = {"format_version": FORMAT_VERSION, "step": step, "metrics": metrics, **metadata}
         self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(_arrays_of(state)),
             METADATA_ITEM: ocp.args.JsonSave(metadata),

@@ -1,0 +1,86 @@
+"""Orbax round trips, rolling retention and the metadata checks of `RunCheckpoints`."""
+
+from __future__ import annotations
+
+import chex
+import pytest
+
+from fmnist_jax import checkpoint, optim, steps
+from fmnist_jax.checkpoint import RunCheckpoints
+from fmnist_jax.config import TrainConfig
+from fmnist_jax.errors import CheckpointError
+from fmnist_jax.model import CNN
+from tests.test_steps import make_batch
+
+
+def fresh_state(width: int = 4, seed: int = 0) -> steps.TrainState:
+    config = TrainConfig(width=width)
+    return steps.create_train_state(CNN(width=width), optim.build_direction(config),
+                                    optim.build_schedule(config, 0, 10), seed)
+
+
+def state_at(step: int) -> steps.TrainState:
+    return fresh_state().replace(step=step)
+
+
+def test_round_trip_restores_every_leaf(tmp_path):
+    state = fresh_state()
+    for seed in range(2):
+        state, _ = steps.train_step(state, make_batch(seed=seed))
+    saved = RunCheckpoints(tmp_path, keep=3)
+    saved.save(state, {"note": "two steps"})
+    saved.wait()
+    saved.close()
+
+    restored_from = RunCheckpoints(tmp_path, keep=3)
+    restored = restored_from.restore(2, fresh_state(seed=7))
+    metadata = restored_from.read_metadata(2)
+    restored_from.close()
+    chex.assert_trees_all_equal(restored.params, state.params)
+    chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
+    chex.assert_trees_all_equal(restored.rng, state.rng)
+    assert int(restored.step) == 2
+    assert metadata["note"] == "two steps"
+    assert metadata["format_version"] == checkpoint.FORMAT_VERSION
+
+
+def test_keeps_only_latest_n(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=3)
+    for step in range(1, 6):
+        checkpoints.save(state_at(step), {})
+    checkpoints.wait()
+    assert checkpoints.steps() == [3, 4, 5]
+    checkpoints.close()
+
+
+def test_keeps_best_besides_latest(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=2, keep_best=True)
+    accuracies = {10: 0.5, 20: 0.9, 30: 0.6, 40: 0.7, 50: 0.65}
+    for step, accuracy in accuracies.items():
+        checkpoints.save(state_at(step), {}, {checkpoint.BEST_METRIC: accuracy})
+        if step == 30:
+            checkpoints.save(state_at(35), {})  # a mid-epoch save carries no metric
+    checkpoints.wait()
+    assert checkpoints.steps() == [20, 40, 50]
+    assert checkpoints.best_step() == 20
+    checkpoints.close()
+
+
+def test_newer_format_version_is_rejected(tmp_path, monkeypatch):
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 99)
+    checkpoints.save(state_at(1), {})
+    checkpoints.wait()
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        checkpoints.read_metadata(1)
+    checkpoints.close()
+
+
+def test_other_width_is_rejected(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    checkpoints.save(fresh_state(width=4).replace(step=1), {})
+    checkpoints.wait()
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        checkpoints.restore(1, fresh_state(width=6))
+    checkpoints.close()
