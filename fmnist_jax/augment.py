@@ -92,8 +92,9 @@ def _equalize_channel(image: jax.Array) -> jax.Array:
     # torchvision's step: pixels not at the top level present, over 255 levels.
     step = (levels.size - histogram[jnp.max(levels)]) // 255
     safe_step = jnp.maximum(step, 1)
-    table = (jnp.cumsum(histogram) + safe_step // 2) // safe_step
-    table = jnp.clip(jnp.concatenate([jnp.zeros(1, table.dtype), table[:-1]]), 0, 255)
+    # Level v maps from the count of pixels below v, torchvision's cumulative sum shifted by one.
+    below = jnp.cumsum(histogram) - histogram
+    table = jnp.minimum((below + safe_step // 2) // safe_step, 255)
     # With fewer than 255 pixels below the top level, torchvision returns the input.
     return jnp.where(step == 0, image, table[levels].astype(image.dtype) / 255.0)
 
@@ -205,7 +206,7 @@ def _augment_one(image: jax.Array, op: jax.Array, magnitude: jax.Array) -> jax.A
     size = image.shape[0]
     matrices = [(warp or _no_warp)(magnitude, size) for _, warp, _, _ in OPS.values()]
     warped = _warp(image, jax.lax.select_n(op, *matrices))
-    outputs = [warped if warp else fn(warped, magnitude) for fn, warp, _, _ in OPS.values()]
+    outputs = [warped if warp else fn(image, magnitude) for fn, warp, _, _ in OPS.values()]
     return jax.lax.select_n(op, *outputs)
 
 

@@ -63,10 +63,15 @@ class RunCheckpoints:
         """Start saving `state` and `metadata` at `state.step`; the write finishes in the background."""
         step = int(state.step)
         metadata = {"format_version": FORMAT_VERSION, "step": step, "metrics": metrics, **metadata}
-        self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(_arrays_of(state)),
-            METADATA_ITEM: ocp.args.JsonSave(metadata),
-        }))
+        # Any failure here, including one of the previous save's background write, must
+        # stop training rather than leave it running without checkpoints.
+        try:
+            self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(_arrays_of(state)),
+                METADATA_ITEM: ocp.args.JsonSave(metadata),
+            }))
+        except Exception as error:
+            raise self._save_failed(step, error) from error
         logger.debug("saving step %d to %s", step, self.directory)
 
     def read_metadata(self, step: int) -> dict[str, Any]:
@@ -96,11 +101,23 @@ class RunCheckpoints:
         return template.replace(**restored[STATE_ITEM])
 
     def wait(self) -> None:
-        """Block until every pending save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every pending save is on disk; raise CheckpointError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(self.latest_step(), error) from error
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"saving step {step} to {self.directory} failed ({_first_line(error)}); check free "
+            "disk space and permissions, then continue with --resume")
 
     def close(self) -> None:
-        self._manager.close()
+        """Finish pending saves and release the manager; raise CheckpointError if a save failed."""
+        try:
+            self._manager.close()
+        except Exception as error:
+            raise self._save_failed(self.latest_step(), error) from error
 
 
 def _arrays_of(state: TrainState) -> dict[str, Any]:

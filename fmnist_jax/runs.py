@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
+import shlex
 import time
-from typing import Any
+from typing import Any, Iterator
+
+import filelock
 
 from fmnist_jax import config as config_lib
 from fmnist_jax import data
 from fmnist_jax.checkpoint import RunCheckpoints
-from fmnist_jax.errors import CheckpointError
-from fmnist_jax.train_loop import Resume, RunResult, train_and_evaluate
+from fmnist_jax.errors import CheckpointError, UserError
+from fmnist_jax.interrupt import Interrupted, StopRequest
+from fmnist_jax.train_loop import Resume, RunResult, restore_template, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = pathlib.Path("ckpts")
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 def new_run_name() -> str:
@@ -60,63 +66,143 @@ def check_writable(root: pathlib.Path) -> None:
             "pass --ckpt-dir with a writable folder") from error
 
 
-def _pick_step(checkpoints: RunCheckpoints, resume_from: str) -> int:
+def _pick_steps(checkpoints: RunCheckpoints, resume_from: str) -> list[int]:
+    """Return the steps to try restoring, in order: `latest` falls back to older ones."""
     steps = checkpoints.steps()
     if resume_from == "latest":
-        return steps[-1]
+        return steps[::-1]
     if resume_from == "best":
         best = checkpoints.best_step()
         if best is None:
             raise CheckpointError(
-                f"{checkpoints.directory} has no best checkpoint because the run has no "
-                "validation split; use --resume-from latest")
-        return best
+                f"{checkpoints.directory} has no checkpoint with a validation accuracy, because "
+                "the run has no validation split (--val-split); use --resume-from latest")
+        return [best]
     if not resume_from.isdigit() or int(resume_from) not in steps:
         raise CheckpointError(f"invalid --resume-from {resume_from!r}: {checkpoints.directory} "
                               f"has steps {steps}; pass latest, best or one of those steps")
-    return int(resume_from)
+    return [int(resume_from)]
+
+
+def _find_resume_point(run_dir: pathlib.Path, resume_from: str) -> Resume:
+    """Return the newest requested checkpoint that restores cleanly, warning about each one skipped.
+
+    A skipped checkpoint stays on disk for inspection; nothing here deletes files.
+    """
+    checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1)
+    try:
+        for step in _pick_steps(checkpoints, resume_from):
+            try:
+                metadata = checkpoints.read_metadata(step)
+                saved = config_lib.TrainConfig.from_dict(metadata["config"])
+            except UserError:
+                raise  # readable, but from a newer version: stop rather than skip
+            # Orbax and TensorStore raise many types for truncated or garbled files.
+            except Exception as error:  # noqa: BLE001
+                _warn_skipped(step, checkpoints.directory, error)
+                continue
+            try:
+                checkpoints.restore(step, restore_template(saved))
+            except Exception as error:  # noqa: BLE001
+                _warn_skipped(step, checkpoints.directory, error)
+                continue
+            return Resume(step=step, metadata=metadata, directory=checkpoints.directory)
+    finally:
+        checkpoints.close()
+    raise CheckpointError(f"no checkpoint in {checkpoints.directory} can be restored; the "
+                          "warnings above name each one, so start a new run with --run NAME")
+
+
+def _warn_skipped(step: int, directory: pathlib.Path, error: Exception) -> None:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    logger.warning("skipping checkpoint step %d in %s, left on disk: it cannot be restored (%s: %s)",
+                   step, directory, type(error).__name__, reason)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: pathlib.Path) -> Iterator[None]:
+    """Hold the run folder's lock so that only one trainer writes to it.
+
+    The lock is an flock on `run_dir/.lock`, which the OS releases when the holder
+    exits, even on kill -9, so a stale lock file never blocks a resume.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(run_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise CheckpointError(f"run folder {run_dir} is in use by another trainer; wait for it to "
+                              "finish, or choose a new name with --run NAME") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def launch(preset: str, overrides: dict[str, Any], *, root: pathlib.Path = DEFAULT_ROOT,
            run_name: str | None = None, resume: bool = False, resume_from: str = "latest",
            data_source: str = "idx", data_dir: str | None = None, show_progress: bool = True,
-           draw_plots: bool = True) -> RunResult:
+           draw_plots: bool = True, stop_at_step: int | None = None) -> RunResult:
     """Start a run, or continue the latest one (or `run_name`), and train it to the end.
 
     `overrides` holds only the settings the user gave explicitly: on resume they
-    replace the saved ones, within what `config.resume_overrides` allows.
+    replace the saved ones, within what `config.resume_overrides` allows. A run
+    resumed from an older step than its latest continues in a new folder,
+    `<run>-from-<step>`, so that no checkpoint is overwritten.
     """
     check_writable(root)
     run_dir = root / run_name if run_name else latest_run(root) if resume else None
-    resume_point = None
     if resume and (run_dir is None or not checkpoint_steps(run_dir)):
-        where = run_dir if run_dir is not None else root
-        logger.info("no checkpoint found in %s, so starting a fresh run", where)
-    elif resume:
-        run_dir, resume_point, config = _resume_point(run_dir, overrides, resume_from)
-    if resume_point is None:
-        config = config_lib.from_preset(preset, **overrides)
-        run_dir = run_dir or root / new_run_name()
-        if checkpoint_steps(run_dir):
-            raise CheckpointError(f"run folder {run_dir} already has checkpoints; pass --resume to "
-                                  "continue it, or choose a new name with --run NAME")
+        logger.info("no checkpoint found in %s, so starting a fresh run",
+                    run_dir if run_dir is not None else root)
+        resume = False
+    run_dir = run_dir or root / new_run_name()
+    with _run_lock(run_dir):
+        resume_point = None
+        if resume:
+            resume_point = _find_resume_point(run_dir, resume_from)
+            saved = config_lib.TrainConfig.from_dict(resume_point.metadata["config"])
+            config = config_lib.resume_overrides(saved, overrides)
+            if resume_point.step != checkpoint_steps(run_dir)[-1]:
+                return _launch_branch(run_dir, resume_point, config, data_source, data_dir,
+                                      show_progress, draw_plots, stop_at_step)
+        else:
+            config = config_lib.from_preset(preset, **overrides)
+            if checkpoint_steps(run_dir):
+                raise CheckpointError(f"run folder {run_dir} already has checkpoints; pass --resume "
+                                      "to continue it, or choose a new name with --run NAME")
+        return _train(run_dir, config, resume_point, data_source, data_dir, show_progress,
+                      draw_plots, stop_at_step)
+
+
+def _launch_branch(run_dir: pathlib.Path, resume_point: Resume, config, *rest) -> RunResult:
+    branch = run_dir.with_name(f"{run_dir.name}-from-{resume_point.step}")
+    if checkpoint_steps(branch):
+        raise CheckpointError(f"run folder {branch} already exists; resume it with --run "
+                              f"{branch.name}, or delete it to branch from step "
+                              f"{resume_point.step} again")
+    logger.info("step %d is older than the run's latest, so training continues in %s",
+                resume_point.step, branch)
+    with _run_lock(branch):
+        return _train(branch, config, resume_point, *rest)
+
+
+def _train(run_dir: pathlib.Path, config: config_lib.TrainConfig, resume_point: Resume | None,
+           data_source: str, data_dir: str | None, show_progress: bool, draw_plots: bool,
+           stop_at_step: int | None) -> RunResult:
     dataset = data.load(data_source, data_dir, progress=show_progress)
     logger.info("%s %s with %s", "resuming" if resume_point else "starting", run_dir,
                 _describe(config))
-    return train_and_evaluate(config, run_dir, dataset, resume_point,
-                              show_progress=show_progress, draw_plots=draw_plots)
-
-
-def _resume_point(run_dir: pathlib.Path, overrides: dict[str, Any], resume_from: str):
-    checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1)
-    try:
-        step = _pick_step(checkpoints, resume_from)
-        metadata = checkpoints.read_metadata(step)
-    finally:
-        checkpoints.close()
-    saved = config_lib.TrainConfig.from_dict(metadata["config"])
-    config = config_lib.resume_overrides(saved, overrides)
-    return run_dir, Resume(step=step, metadata=metadata), config
+    with StopRequest() as stop:
+        try:
+            return train_and_evaluate(config, run_dir, dataset, resume_point,
+                                      show_progress=show_progress, draw_plots=draw_plots,
+                                      stop=stop, stop_at_step=stop_at_step)
+        except Interrupted as interrupted:
+            command = (f"python scripts/train.py --resume --run {run_dir.name} "
+                       f"--ckpt-dir {shlex.quote(str(run_dir.parent))}")
+            raise Interrupted(f"{interrupted}; continue with: {command}",
+                              interrupted.exit_code) from None
 
 
 def _describe(config: config_lib.TrainConfig) -> str:

@@ -19,6 +19,7 @@ from fmnist_jax.checkpoint import BEST_METRIC, RunCheckpoints
 from fmnist_jax.config import SEGMENT_FIELDS, TrainConfig
 from fmnist_jax.data import Dataset
 from fmnist_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
+from fmnist_jax.interrupt import Interrupted, StopRequest
 from fmnist_jax.model import CNN, resolve_conv
 from fmnist_jax.steps import TrainState, create_train_state, eval_batches, train_steps
 
@@ -30,10 +31,11 @@ EVAL_BATCH_SIZE = 200
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """Where a run continues from: a checkpoint step and the metadata saved with it."""
+    """Where a run continues from: a checkpoint step, its folder and the metadata saved with it."""
 
     step: int
     metadata: dict[str, Any]
+    directory: pathlib.Path  # the checkpoint folder holding `step`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,11 @@ def _build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
     return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
+def restore_template(config: TrainConfig) -> TrainState:
+    """Return a state with the structure, shapes and placement that a checkpoint of `config` restores into."""
+    return _build_state(config, 0, 1, make_mesh())
+
+
 def _segment(config: TrainConfig, start_step: int, steps_per_epoch: int, reason: str) -> dict:
     settings = {name: getattr(config, name) for name in SEGMENT_FIELDS}
     return {"start_step": start_step, "start_epoch": start_step / steps_per_epoch,
@@ -146,7 +153,8 @@ def _restore(checkpoints: RunCheckpoints, resume: Resume, config: TrainConfig,
 
 def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Dataset,
                        resume: Resume | None = None, *, show_progress: bool = True,
-                       draw_plots: bool = True) -> RunResult:
+                       draw_plots: bool = True, stop: StopRequest | None = None,
+                       stop_at_step: int | None = None) -> RunResult:
     """Train under `config`, saving into `run_dir`, from scratch or from `resume`.
 
     Args:
@@ -156,6 +164,8 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
       resume: the checkpoint to continue from, or None for a fresh start.
       show_progress: draw a progress bar per epoch.
       draw_plots: write the curves and the prediction grid into `run_dir` at the end.
+      stop: polled between steps; once it is requested, the loop saves and raises Interrupted.
+      stop_at_step: save and raise Interrupted on reaching this step, as on SIGTERM.
 
     Returns:
       The final state, the per-epoch history, the segments and the checkpoint folder.
@@ -178,11 +188,18 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
             history: list[dict[str, float]] = []
             progress: dict[str, float] = {}
         else:
-            state, segments = _restore(checkpoints, resume, config, steps_per_epoch, mesh)
+            source = checkpoints
+            if resume.directory != checkpoints.directory:
+                source = RunCheckpoints(resume.directory, keep=config.keep)
+            try:
+                state, segments = _restore(source, resume, config, steps_per_epoch, mesh)
+            finally:
+                if source is not checkpoints:
+                    source.close()
             history = list(resume.metadata["history"])
             progress = dict(resume.metadata.get("epoch_progress", {}))
         loop = _Loop(config, checkpoints, splits, steps_per_epoch, mesh, segments, history,
-                     progress, show_progress)
+                     progress, show_progress, stop or StopRequest(), stop_at_step)
         state = loop.run(state)
         checkpoints.wait()
     finally:
@@ -202,8 +219,11 @@ class _Loop:
 
     def __init__(self, config: TrainConfig, checkpoints: RunCheckpoints, splits: _Splits,
                  steps_per_epoch: int, mesh: Mesh, segments: list[dict], history: list[dict],
-                 progress: dict[str, float], show_progress: bool):
+                 progress: dict[str, float], show_progress: bool, stop: StopRequest,
+                 stop_at_step: int | None):
         self.config = config
+        self.stop = stop
+        self.stop_at_step = stop_at_step
         self.checkpoints = checkpoints
         self.splits = splits
         self.steps_per_epoch = steps_per_epoch
@@ -227,7 +247,22 @@ class _Loop:
         while step < total_steps:
             state = self._run_epoch(state, step // self.steps_per_epoch)
             step = int(state.step)
+            if step < total_steps and self._stop_requested(step):
+                self._stop(state, saved=True)
         return state
+
+    def _stop_requested(self, step: int) -> bool:
+        return self.stop.requested or step == self.stop_at_step
+
+    def _stop(self, state: TrainState, saved: bool) -> None:
+        """Save unless `saved`, wait for every pending save, then raise Interrupted."""
+        if not saved:
+            self._save(state)
+        self.checkpoints.wait()
+        step = int(state.step)
+        raise Interrupted(
+            f"stopped at step {step} (epoch {step / self.steps_per_epoch:.2f}) after saving it to "
+            f"{self.checkpoints.directory}", self.stop.exit_code)
 
     def _run_epoch(self, state: TrainState, epoch: int) -> TrainState:
         config = self.config
@@ -250,8 +285,11 @@ class _Loop:
                 bar.update(num_steps)
                 bar.set_postfix(loss=f"{self.progress['loss_sum'] / self.progress['steps']:.4f}",
                                 lr=f"{totals['last_lr'].item():.2e}")
-                if position < self.steps_per_epoch and self._due_for_save(int(state.step)):
-                    self._save(state)
+                if position < self.steps_per_epoch:
+                    if self._stop_requested(int(state.step)):
+                        self._stop(state, saved=False)
+                    if self._due_for_save(int(state.step)):
+                        self._save(state)
         self._finish_epoch(state, epoch, time.monotonic() - started)
         return state
 
@@ -260,6 +298,8 @@ class _Loop:
         every = self.config.save_every_steps
         if every:
             length = min(length, every - step % every)
+        if self.stop_at_step is not None and step < self.stop_at_step:
+            length = min(length, self.stop_at_step - step)
         return length
 
     def _accumulate(self, totals: dict[str, jax.Array], step: int) -> None:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from fmnist_jax import config as config_lib  # noqa: E402
 from fmnist_jax import runs  # noqa: E402
 from fmnist_jax.errors import UserError  # noqa: E402
+from fmnist_jax.interrupt import Interrupted  # noqa: E402
 
 # Flag, config field, type and help text of every setting a preset provides.
 CONFIG_FLAGS = [
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read IDX files, or use tensorflow-datasets (default: %(default)s)")
     run.add_argument("--data-dir", help="folder of the four Fashion-MNIST .gz files; for tfds, "
                                         "its manual_dir (default: search, then download)")
+    run.add_argument("--stop-at-step", type=int,
+                     help="save and exit once the run reaches this step, as on SIGTERM "
+                          "(default: off)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG figures (default: off)")
     run.add_argument("--no-progress", action="store_true",
                      help="hide the progress bars (default: off)")
@@ -87,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         runs.launch(args.preset, overrides, root=args.ckpt_dir, run_name=args.run,
                     resume=args.resume, resume_from=args.resume_from,
                     data_source=args.data_source, data_dir=args.data_dir,
-                    show_progress=not args.no_progress, draw_plots=not args.no_plots)
+                    show_progress=not args.no_progress, draw_plots=not args.no_plots,
+                    stop_at_step=args.stop_at_step)
+    except Interrupted as stopped:
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ def resume_point(run_dir, step=None) -> train_loop.Resume:
     step = step if step is not None else checkpoints.latest_step()
     metadata = checkpoints.read_metadata(step)
     checkpoints.close()
-    return train_loop.Resume(step=step, metadata=metadata)
+    return train_loop.Resume(step=step, metadata=metadata, directory=run_dir / "checkpoints")
 
 
 def restore(run_dir, config):
