@@ -39,8 +39,9 @@ class RunCheckpoints:
             policies.append(checkpoint_managers.BestN(
                 get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
                 keep_checkpoints_without_metrics=False))
+        # cleanup_tmp_directories removes only unfinished saves, such as one cut by kill -9.
         options = ocp.CheckpointManagerOptions(
-            create=True, enable_async_checkpointing=asynchronous,
+            create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
         self.directory = directory
         self._manager = ocp.CheckpointManager(
@@ -97,7 +98,7 @@ class RunCheckpoints:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not match this model "
                 f"({_first_line(error)}); resume with the settings it was saved with") from error
-        logger.info("restored step %d from %s", step, self.directory)
+        logger.debug("restored step %d from %s", step, self.directory)
         return template.replace(**restored[STATE_ITEM])
 
     def wait(self) -> None:

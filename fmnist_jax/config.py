@@ -13,7 +13,7 @@ from fmnist_jax.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
-AUGMENTATIONS = ("none", "flip")
+AUGMENTATIONS = ("none", "flip", "trivial")
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
 
 
@@ -29,7 +29,7 @@ class TrainConfig:
     batch_size: int = 32  # global batch, split across devices
     val_split: int = 0  # training examples held out for validation (0: none)
     train_examples: int = 0  # use only the first N training examples (0: all), for quick runs
-    augment: str = "flip"  # none or flip (random horizontal flip)
+    augment: str = "flip"  # none, flip (random horizontal flip) or trivial (flip + TrivialAugment-Wide)
     seed: int = 0  # parameter init, data order and augmentation all derive from it
 
     # Optimisation.

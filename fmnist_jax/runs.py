@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ROOT = pathlib.Path("ckpts")
 CHECKPOINTS = "checkpoints"
 LOCK_FILE = ".lock"
+UNRESTORABLE = "unrestorable"
 
 
 def new_run_name() -> str:
@@ -87,7 +88,7 @@ def _pick_steps(checkpoints: RunCheckpoints, resume_from: str) -> list[int]:
 def _find_resume_point(run_dir: pathlib.Path, resume_from: str) -> Resume:
     """Return the newest requested checkpoint that restores cleanly, warning about each one skipped.
 
-    A skipped checkpoint stays on disk for inspection; nothing here deletes files.
+    A skipped checkpoint moves to `<run>/unrestorable/` for inspection; nothing here deletes files.
     """
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1)
     try:
@@ -99,12 +100,12 @@ def _find_resume_point(run_dir: pathlib.Path, resume_from: str) -> Resume:
                 raise  # readable, but from a newer version: stop rather than skip
             # Orbax and TensorStore raise many types for truncated or garbled files.
             except Exception as error:  # noqa: BLE001
-                _warn_skipped(step, checkpoints.directory, error)
+                _set_aside(step, checkpoints.directory, error)
                 continue
             try:
                 checkpoints.restore(step, restore_template(saved))
             except Exception as error:  # noqa: BLE001
-                _warn_skipped(step, checkpoints.directory, error)
+                _set_aside(step, checkpoints.directory, error)
                 continue
             return Resume(step=step, metadata=metadata, directory=checkpoints.directory)
     finally:
@@ -113,10 +114,14 @@ def _find_resume_point(run_dir: pathlib.Path, resume_from: str) -> Resume:
                           "warnings above name each one, so start a new run with --run NAME")
 
 
-def _warn_skipped(step: int, directory: pathlib.Path, error: Exception) -> None:
+def _set_aside(step: int, directory: pathlib.Path, error: Exception) -> None:
+    """Move an unrestorable step out of Orbax's view, so that training can save that step again."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    logger.warning("skipping checkpoint step %d in %s, left on disk: it cannot be restored (%s: %s)",
-                   step, directory, type(error).__name__, reason)
+    target = directory.parent / UNRESTORABLE / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(exist_ok=True)
+    (directory / str(step)).rename(target)
+    logger.warning("skipping checkpoint step %d: it cannot be restored (%s: %s); moved it to %s",
+                   step, type(error).__name__, reason, target)
 
 
 @contextlib.contextmanager

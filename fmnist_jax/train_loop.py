@@ -141,6 +141,8 @@ def _restore(checkpoints: RunCheckpoints, resume: Resume, config: TrainConfig,
 
     template = _build_state(saved, last["start_step"], steps_per_epoch, mesh)
     state = checkpoints.restore(resume.step, template)
+    logger.info("restored step %d (epoch %.2f) from %s", resume.step,
+                resume.step / steps_per_epoch, checkpoints.directory)
     fresh = _build_state(config, segments[-1]["start_step"], steps_per_epoch, mesh)
     opt_state = state.opt_state
     if optim.family(saved.optimizer) != optim.family(config.optimizer):
