@@ -15,7 +15,7 @@ from tests.test_steps import make_batch
 
 def fresh_state(width: int = 4, seed: int = 0) -> steps.TrainState:
     config = TrainConfig(width=width)
-    return steps.create_train_state(CNN(width=width), optim.build_direction(config),
+    return steps.create_train_state(CNN(width=width, conv="matmul"), optim.build_direction(config),
                                     optim.build_schedule(config, 0, 10), seed)
 
 

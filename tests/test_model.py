@@ -30,11 +30,19 @@ def test_output_is_batch_by_ten_logits():
     assert model.apply(params, images).shape == (5, 10)
 
 
-def test_implementations_share_params_and_outputs():
-    images = jnp.asarray(np.random.default_rng(0).random((6, 28, 28, 1), np.float32))
+@pytest.mark.parametrize("width", [8, 16])
+def test_implementations_share_params_and_outputs(width):
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 28, 28, 1), np.float32)
+    images[:, :6] = 0.0  # black margins make tied maxima in the pooling windows
+    images[:, :, -5:] = 0.0
+    images = jnp.asarray(images)
     labels = jnp.asarray([0, 1, 2, 3, 4, 5])
-    xla, matmul = CNN(width=8, conv="xla"), CNN(width=8, conv="matmul")
+    xla, matmul = CNN(width=width, conv="xla"), CNN(width=width, conv="matmul")
     params = xla.init(jax.random.PRNGKey(0), images)
+    # Non-zero biases, so that the margins give equal positive activations.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf + 0.1 if path[-1].key == "bias" else leaf, params)
     chex.assert_trees_all_equal_shapes(params, matmul.init(jax.random.PRNGKey(0), images))
     np.testing.assert_allclose(matmul.apply(params, images), xla.apply(params, images),
                                rtol=1e-5, atol=1e-5)
@@ -46,6 +54,29 @@ def test_implementations_share_params_and_outputs():
         return jax.grad(loss)(params)
 
     chex.assert_trees_all_close(grads(matmul), grads(xla), rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_restores_under_other_implementation(tmp_path):
+    from tests.test_checkpoint import fresh_state
+    from fmnist_jax.checkpoint import RunCheckpoints
+    from fmnist_jax import optim
+    from fmnist_jax.config import TrainConfig
+    from fmnist_jax.steps import create_train_state
+
+    saved = fresh_state(width=4)  # the "matmul" implementation
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    checkpoints.save(saved.replace(step=1), {})
+    checkpoints.wait()
+    config = TrainConfig(width=4)
+    template = create_train_state(CNN(width=4, conv="xla"), optim.build_direction(config),
+                                  optim.build_schedule(config, 0, 10), seed=5)
+    restored = checkpoints.restore(1, template)
+    checkpoints.close()
+    chex.assert_trees_all_equal(restored.params, saved.params)
+    images = jnp.asarray(np.random.default_rng(1).random((3, 28, 28, 1), np.float32))
+    np.testing.assert_allclose(restored.apply_fn({"params": restored.params}, images),
+                               saved.apply_fn({"params": saved.params}, images),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_max_pool_takes_window_maximum():
