@@ -92,10 +92,10 @@ def autocontrast(image: jax.Array, magnitude: ArrayLike) -> jax.Array:
 def _equalize_channel(image: jax.Array) -> jax.Array:
     levels = _to_levels(image)
     histogram = jnp.bincount(levels.ravel(), length=256)
-    # torchvision's step: the count of pixels below the highest level present, // 255.
+    # torchvision's step: the pixels below the highest level present, floor-divided by 255.
     step = (levels.size - histogram[jnp.max(levels)]) // 255
     safe_step = jnp.maximum(step, 1)
-    # Level v maps from the count of pixels below v, torchvision's cumulative sum shifted by one.
+    # Level v maps via the count of pixels below v, the cumulative histogram shifted by one.
     below = jnp.cumsum(histogram) - histogram
     table = jnp.minimum((below + safe_step // 2) // safe_step, 255)
     # With fewer than 255 pixels below the top level, torchvision returns the input.
@@ -143,7 +143,7 @@ def _warp(image: jax.Array, matrix: jax.Array) -> jax.Array:
     height, width = image.shape[:2]
     y, x = jnp.meshgrid(jnp.arange(height) - (height - 1) / 2, jnp.arange(width) - (width - 1) / 2,
                         indexing="ij")
-    # jnp.round rounds half to even, like the nearest mode of torch's grid_sample.
+    # jnp.round rounds half to even, as torch 2.13's grid_sample does in nearest mode.
     cols = jnp.round(matrix[0] * x + matrix[1] * y + matrix[2] + (width - 1) / 2).astype(jnp.int32)
     rows = jnp.round(matrix[3] * x + matrix[4] * y + matrix[5] + (height - 1) / 2).astype(jnp.int32)
     inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
@@ -190,9 +190,9 @@ _FRACTIONS = np.linspace(0.0, 1.0, NUM_BINS)
 _TRANSLATIONS = np.arange(NUM_BINS) * MAX_TRANSLATE // (NUM_BINS - 1)
 # 8 bits down to 2, rounding half to even as torch.round does.
 _BITS = 8 - np.round(np.arange(NUM_BINS) / ((NUM_BINS - 1) / 6))
-# torchvision's 8-bit thresholds, 255 down to 0 in 31 steps, over 255. Each sits half a
-# level below the lowest 8-bit level it inverts, so an image from uint8 solarizes as in
-# torchvision's uint8 path, however the division by 255 that made it rounded.
+# torchvision's uint8 thresholds run from 255 down to 0. Each threshold here sits half a
+# level below the lowest level that torchvision's inverts, so images from uint8 solarize
+# exactly as in torchvision, whichever way their division by 255 rounded.
 _THRESHOLDS = (np.ceil(np.linspace(255, 0, NUM_BINS)) - 0.5) / 255
 _NO_MAGNITUDE = np.zeros(NUM_BINS)
 

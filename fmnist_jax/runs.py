@@ -11,9 +11,10 @@ import time
 from typing import Any, Iterator
 
 import filelock
+import jax
 
 from fmnist_jax import config as config_lib
-from fmnist_jax import data
+from fmnist_jax import data, distributed
 from fmnist_jax.checkpoint import RunCheckpoints
 from fmnist_jax.errors import CheckpointError, UserError
 from fmnist_jax.interrupt import Interrupted, StopRequest
@@ -132,6 +133,9 @@ def _run_lock(run_dir: pathlib.Path) -> Iterator[None]:
     exits, even on kill -9, so a stale lock file never blocks a resume.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_primary():
+        yield  # the processes of one job share the folder, and process 0 holds its lock
+        return
     lock = filelock.FileLock(run_dir / LOCK_FILE, timeout=0)
     try:
         lock.acquire()
@@ -155,6 +159,7 @@ def launch(preset: str, overrides: dict[str, Any], *, root: pathlib.Path = DEFAU
     resumed from an older step than its latest continues in a new folder,
     `<run>-from-<step>`, so that no checkpoint is overwritten.
     """
+    distributed.initialize_from_env()
     check_writable(root)
     run_dir = root / run_name if run_name else latest_run(root) if resume else None
     if resume and (run_dir is None or not checkpoint_steps(run_dir)):
@@ -196,8 +201,9 @@ def _train(run_dir: pathlib.Path, config: config_lib.TrainConfig, resume_point: 
            data_source: str, data_dir: str | None, show_progress: bool, draw_plots: bool,
            stop_at_step: int | None) -> RunResult:
     dataset = data.load(data_source, data_dir, progress=show_progress)
-    logger.info("%s %s with %s", "resuming" if resume_point else "starting", run_dir,
-                _describe(config))
+    logger.info("%s %s with %s, on %d %s device(s) in %d process(es)",
+                "resuming" if resume_point else "starting", run_dir, _describe(config),
+                jax.device_count(), jax.default_backend(), jax.process_count())
     with StopRequest() as stop:
         try:
             return train_and_evaluate(config, run_dir, dataset, resume_point,

@@ -11,10 +11,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from fmnist_jax import batches, optim, plots
+from fmnist_jax import batches, distributed, optim, plots
+from fmnist_jax.distributed import make_mesh, to_global
 from fmnist_jax.checkpoint import BEST_METRIC, RunCheckpoints
 from fmnist_jax.config import SEGMENT_FIELDS, TrainConfig
 from fmnist_jax.data import Dataset
@@ -55,11 +56,6 @@ class _Splits:
     test: tuple[jax.Array, ...]
 
 
-def make_mesh() -> Mesh:
-    """Return a 1-D mesh named "data" over every local device."""
-    return Mesh(np.array(jax.local_devices()), ("data",))
-
-
 def _place_splits(dataset: Dataset, config: TrainConfig, mesh: Mesh) -> _Splits:
     train_images, train_labels = dataset.train_images, dataset.train_labels
     if config.train_examples:
@@ -69,14 +65,14 @@ def _place_splits(dataset: Dataset, config: TrainConfig, mesh: Mesh) -> _Splits:
         raise ConfigError(f"invalid --val-split {config.val_split}: it must leave training examples "
                           f"out of the {len(train_images)} available")
     train_idx, val_idx = batches.split_validation(len(train_images), config.val_split)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = distributed.replicated(mesh)
 
     val = None
     if config.val_split:
         val = _stack_for_eval(train_images[val_idx], train_labels[val_idx], replicated)
     return _Splits(
-        train=(jax.device_put(train_images[train_idx], replicated),
-               jax.device_put(train_labels[train_idx].astype(np.int32), replicated)),
+        train=to_global((train_images[train_idx], train_labels[train_idx].astype(np.int32)),
+                        replicated),
         val=val,
         test=_stack_for_eval(dataset.test_images, dataset.test_labels, replicated),
     )
@@ -99,7 +95,7 @@ def _stack_for_eval(images: np.ndarray, labels: np.ndarray,
     mask = np.arange(len(labels)) < len(labels) - pad
     stacked = [array.reshape(batches_needed, EVAL_BATCH_SIZE, *array.shape[1:])
                for array in (images, labels, mask)]
-    return tuple(jax.device_put(array, sharding) for array in stacked)
+    return to_global(tuple(stacked), sharding)
 
 
 def _build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
@@ -108,7 +104,9 @@ def _build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
     state = create_train_state(model, optim.build_direction(config),
                                optim.build_schedule(config, schedule_start, steps_per_epoch),
                                config.seed)
-    return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return state.replace(**to_global(
+        {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+         "rng": state.rng}, distributed.replicated(mesh)))
 
 
 def restore_template(config: TrainConfig) -> TrainState:
@@ -211,7 +209,7 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
         last = history[-1]
         logger.info("final test accuracy %.4f after %d epochs; checkpoints in %s",
                     last["test/accuracy"], last["epoch"], checkpoints.directory)
-    if draw_plots and history:
+    if draw_plots and history and distributed.is_primary():
         plots.save_run_plots(run_dir, history, segments, state, dataset)
     return RunResult(state, history, segments, checkpoints.directory)
 
@@ -233,7 +231,7 @@ class _Loop:
         self.history = history
         self.progress = progress or {"loss_sum": 0.0, "accuracy_sum": 0.0, "steps": 0}
         self.show_progress = show_progress
-        self.index_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+        self.index_sharding = distributed.batch_sharded(mesh)
         self.last_save_time = time.monotonic()
 
     def run(self, state: TrainState) -> TrainState:
@@ -272,7 +270,8 @@ class _Loop:
         order = batches.epoch_order(config.seed, epoch, len(self.splits.train[0]))
         position = int(state.step) - epoch * self.steps_per_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=position, unit="step",
-                   desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.show_progress,
+                   desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not (self.show_progress and distributed.is_primary()),
                    leave=False, dynamic_ncols=True)
         with bar:
             while position < self.steps_per_epoch:
@@ -280,7 +279,7 @@ class _Loop:
                 chunk = batches.chunk_indices(order, position, num_steps, config.batch_size,
                                               config.steps_per_dispatch)
                 state, totals = train_steps(
-                    state, *self.splits.train, jax.device_put(chunk, self.index_sharding),
+                    state, *self.splits.train, to_global(chunk, self.index_sharding),
                     jnp.int32(num_steps), augmentation=config.augment)
                 self._accumulate(totals, int(state.step))
                 position += num_steps
