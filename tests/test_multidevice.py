@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from tests.conftest import REPO, shared_data_dir
 from tests.test_cli import metadata, run_cli
 from tests.test_recovery import chaos
 
@@ -79,3 +83,28 @@ def test_batch_not_divisible_by_devices_fails(tmp_path, real_data_dir):
     result = run_on(FOUR_DEVICES, "--ckpt-dir", str(tmp_path), "--batch-size", "30", *SETTINGS)
     assert result.returncode == 2
     assert "invalid --batch-size 30: it must be divisible by the 4 devices" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_on_loopback_match_one(runs, tmp_path):
+    # Two processes of one CPU device each, joined through a coordinator on 127.0.0.1
+    # and Gloo collectives, write one shared checkpoint.
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--ckpt-dir", str(tmp_path),
+               "--run", "two", *SETTINGS]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=REPO, env={**os.environ, "FMNIST_DATA_DIR": str(shared_data_dir()),
+                                        "JAX_COORDINATOR_ADDRESS": address,
+                                        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)})
+        for rank in range(2)]
+    outputs = [process.communicate(timeout=600)[1] for process in processes]
+    for process, stderr in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+        assert "on 2 cpu device(s) in 2 process(es)" in stderr
+    assert_close_states(tmp_path / "two", runs / "one", 1e-3)
