@@ -1,6 +1,6 @@
 """Rolling Orbax checkpoints of one run folder, each with JSON metadata beside the state.
 
-A checkpoint at step N holds the `TrainState` after N updates (params, optimizer
+A checkpoint at step N contains the `TrainState` after N updates (params, optimizer
 state, step and PRNG key) and a JSON item with the format version, the config,
 the epoch, the metric history and the training segments. Orbax writes each step
 to a temporary folder and renames it when complete, so an interrupted save is

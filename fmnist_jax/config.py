@@ -1,7 +1,7 @@
 """Training configuration: one frozen dataclass, its presets and its validation.
 
 A config is plain data. `validate` is the single place that rejects bad values,
-and `resume_overrides` holds the rule for which fields a resume may change.
+and `resume_overrides` contains the rule for which fields a resume may change.
 """
 
 from __future__ import annotations
@@ -65,9 +65,10 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # The PyTorch recipe as first published: Adam 1e-3, batch 32, flips, 100 epochs.
     "original": TrainConfig(),
-    # Reaches 90% test accuracy in about a tenth of the original's epochs.
+    # The same model and batch with a one-cycle schedule at a higher peak learning
+    # rate, holding out 5000 examples to pick the best checkpoint.
     "default": TrainConfig(
-        epochs=12, lr=3e-3, schedule="warmup_cosine", warmup_epochs=1.0),
+        epochs=12, lr=3e-3, schedule="warmup_cosine", warmup_epochs=1.0, val_split=5000),
 }
 
 # Fields a resume may change. The others fix the model, the data order or the

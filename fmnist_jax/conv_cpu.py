@@ -139,9 +139,9 @@ def _pool_forward(z, bias):
 
 def _pool_backward(residuals, dpooled):
     z, bias, pooled = residuals
-    # As autodiff of a window max gives: the gradient splits equally among the entries
-    # equal to the max (ties are common on black backgrounds), and a window whose max
-    # is 0 gets none, because JAX's relu has derivative 0 at 0.
+    # This matches autodiff of a window max. The gradient splits equally among the
+    # entries equal to the max, and ties are common on black backgrounds. A window
+    # whose max is 0 gets none, because JAX's relu has derivative 0 at 0.
     hits = [(phase + bias.reshape(-1, 1, 1, 1) == pooled) & (pooled > 0)
             for phase in _pool_phases(z)]
     count = sum(hit.astype(z.dtype) for hit in hits)

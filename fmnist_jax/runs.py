@@ -161,7 +161,11 @@ def launch(preset: str, overrides: dict[str, Any], *, root: pathlib.Path = DEFAU
     """
     distributed.initialize_from_env()
     check_writable(root)
-    run_dir = root / run_name if run_name else latest_run(root) if resume else None
+    run_dir = None
+    if run_name:
+        run_dir = root / run_name
+    elif resume:
+        run_dir = latest_run(root)
     if resume and (run_dir is None or not checkpoint_steps(run_dir)):
         logger.info("no checkpoint found in %s, so starting a fresh run",
                     run_dir if run_dir is not None else root)

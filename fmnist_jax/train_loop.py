@@ -32,7 +32,7 @@ EVAL_BATCH_SIZE = 200
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """Where a run continues from: a checkpoint step, its folder and the metadata saved with it."""
+    """A resume point: a checkpoint step, its folder and the metadata saved with it."""
 
     step: int
     metadata: dict[str, Any]
@@ -126,7 +126,7 @@ def _restore(checkpoints: RunCheckpoints, resume: Resume, config: TrainConfig,
     saved = TrainConfig.from_dict(resume.metadata["config"])
     if saved.width != config.width:
         raise CheckpointError(
-            f"checkpoint {checkpoints.directory / str(resume.step)} holds a model of width "
+            f"checkpoint {checkpoints.directory / str(resume.step)} contains a model of width "
             f"{saved.width}, not {config.width}; resume without --width or start a new run")
     segments = list(resume.metadata["segments"])
     last = segments[-1]

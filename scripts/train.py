@@ -14,6 +14,8 @@ import logging
 import pathlib
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from fmnist_jax import config as config_lib  # noqa: E402
@@ -82,17 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)6.0f %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = {field: getattr(args, field) for _, field, _, _ in CONFIG_FLAGS
                  if getattr(args, field) is not None}
     try:
-        runs.launch(args.preset, overrides, root=args.ckpt_dir, run_name=args.run,
-                    resume=args.resume, resume_from=args.resume_from,
-                    data_source=args.data_source, data_dir=args.data_dir,
-                    show_progress=not args.no_progress, draw_plots=not args.no_plots,
-                    stop_at_step=args.stop_at_step)
+        # Log lines go through tqdm, so they do not break a progress bar in the middle.
+        with logging_redirect_tqdm():
+            runs.launch(args.preset, overrides, root=args.ckpt_dir, run_name=args.run,
+                        resume=args.resume, resume_from=args.resume_from,
+                        data_source=args.data_source, data_dir=args.data_dir,
+                        show_progress=not args.no_progress, draw_plots=not args.no_plots,
+                        stop_at_step=args.stop_at_step)
     except Interrupted as stopped:
         print(stopped, file=sys.stderr)
         return stopped.exit_code

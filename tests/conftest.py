@@ -14,15 +14,23 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def shared_data_dir() -> pathlib.Path:
-    """Return the folder of the real Fashion-MNIST files that CI lays beside the clone."""
-    return pathlib.Path(os.environ.get("FMNIST_SHARED_DATA", REPO.parent / "shared" / "fashion-mnist"))
+    """Return the folder of the real Fashion-MNIST files the tests read.
+
+    $FMNIST_SHARED_DATA if set, else `../shared/fashion-mnist` beside the clone (as CI
+    lays it out), else Debian's dataset-fashion-mnist package.
+    """
+    if "FMNIST_SHARED_DATA" in os.environ:
+        return pathlib.Path(os.environ["FMNIST_SHARED_DATA"])
+    beside = REPO.parent / "shared" / "fashion-mnist"
+    return beside if beside.is_dir() else pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> pathlib.Path:
     folder = shared_data_dir()
     if not (folder / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real Fashion-MNIST files not found in {folder}; set FMNIST_SHARED_DATA")
+        pytest.fail(f"real Fashion-MNIST files not found in {folder}; install the Debian package "
+                    "dataset-fashion-mnist or set FMNIST_SHARED_DATA to a folder of the four files")
     return folder
 
 

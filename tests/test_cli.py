@@ -32,7 +32,7 @@ def metadata(run_dir: pathlib.Path, step: int) -> dict:
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, real_data_dir):
     root = tmp_path_factory.mktemp("ckpts")
-    common = ["--ckpt-dir", str(root), "--run", "e2e", "--no-plots"]
+    common = ["--ckpt-dir", str(root), "--run", "e2e", "--no-plots", "--val-split", "0"]
     first = run_cli(*common, "--train-examples", str(SUBSET), "--epochs", "2", "--keep", "3")
     assert first.returncode == 0, first.stderr
     second = run_cli(*common, "--resume", "--epochs", "3", "--lr", "3e-4")
@@ -75,6 +75,7 @@ def test_output_has_progress_and_summary(resumed_run):
 
 def test_plots_are_written(tmp_path, real_data_dir):
     result = run_cli("--ckpt-dir", str(tmp_path), "--run", "p", "--train-examples", "320",
+                     "--val-split", "64",
                      "--epochs", "1", "--no-progress")
     assert result.returncode == 0, result.stderr
     for name in ("curves.png", "predictions.png"):

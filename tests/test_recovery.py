@@ -117,7 +117,8 @@ def test_second_sigint_aborts_and_keeps_checkpoints(reference, tmp_path):
 
 
 def test_kill9_chaos_matches_reference(real_data_dir, tmp_path):
-    settings = ["--train-examples", "1024", "--epochs", "2", "--steps-per-dispatch", "2",
+    settings = ["--train-examples", "1024", "--val-split", "0", "--epochs", "2",
+                "--steps-per-dispatch", "2",
                 "--save-every-steps", "2", "--keep", "1000"]
     env = {**os.environ, "FMNIST_DATA_DIR": str(real_data_dir)}
     summary = chaos.run_chaos(tmp_path, settings, kills=5, min_delay=6.0, max_delay=14.0,
@@ -182,6 +183,6 @@ def test_resume_from_best_branches(reference, tmp_path):
 def test_empty_run_folder_starts_fresh(tmp_path, real_data_dir):
     (tmp_path / "empty").mkdir()
     result = run_cli("--ckpt-dir", str(tmp_path), "--run", "empty", "--resume",
-                     "--train-examples", "64", "--epochs", "1", "--no-plots")
+                     "--train-examples", "64", "--val-split", "0", "--epochs", "1", "--no-plots")
     assert result.returncode == 0, result.stderr
     assert f"no checkpoint found in {tmp_path / 'empty'}, so starting a fresh run" in result.stderr
