@@ -44,17 +44,21 @@ def plot_curves(history: list[dict[str, float]], segments: list[dict[str, Any]],
 
 def plot_predictions(state: TrainState, images: np.ndarray, labels: np.ndarray,
                      path: pathlib.Path, rows: int = 4, columns: int = 8) -> None:
-    """Save a grid of test images titled with the predicted class: green when right, red when wrong."""
+    """Save a grid of test images titled with the predicted class: green when right, red when wrong.
+
+    A wrong prediction's title also names the true class.
+    """
     count = rows * columns
     logits = state.apply_fn({"params": state.params}, images_to_float(jnp.asarray(images[:count])))
     predictions = np.asarray(jnp.argmax(logits, -1))
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.7))
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.9))
     for axes, image, label, prediction in zip(grid.flat, images, labels, predictions):
         axes.imshow(image, cmap="gray_r")
-        axes.set_title(CLASS_NAMES[prediction], fontsize=8,
-                       color="green" if prediction == label else "red")
+        right = prediction == label
+        title = CLASS_NAMES[prediction] if right else f"{CLASS_NAMES[prediction]}\n(true: {CLASS_NAMES[label]})"
+        axes.set_title(title, fontsize=8, color="green" if right else "red")
         axes.axis("off")
-    figure.suptitle("Test predictions (green: right, red: wrong)")
+    figure.suptitle("Test predictions (green: right, red: wrong, with the true class)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -10,8 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fmnist_jax import batches, distributed, optim, plots
@@ -22,13 +21,10 @@ from fmnist_jax.data import Dataset
 from fmnist_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
 from fmnist_jax.interrupt import Interrupted, StopRequest
 from fmnist_jax.model import CNN, resolve_conv
-from fmnist_jax.steps import TrainState, create_train_state, eval_batches, train_steps
+from fmnist_jax.splits import Splits, evaluate, place_splits
+from fmnist_jax.steps import TrainState, create_train_state, train_steps
 
 logger = logging.getLogger(__name__)
-
-# Small enough that the matmul convolution's 9x patch buffer stays in cache.
-EVAL_BATCH_SIZE = 200
-
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
@@ -45,57 +41,6 @@ class RunResult:
     history: list[dict[str, float]]
     segments: list[dict[str, Any]]
     checkpoint_dir: pathlib.Path
-
-
-@dataclasses.dataclass
-class _Splits:
-    """Device-resident uint8 images and int32 labels of each split."""
-
-    train: tuple[jax.Array, jax.Array]  # (N, 28, 28) uint8 images, (N,) int32 labels
-    val: tuple[jax.Array, ...] | None  # stacked for `evaluate`
-    test: tuple[jax.Array, ...]
-
-
-def _place_splits(dataset: Dataset, config: TrainConfig, mesh: Mesh) -> _Splits:
-    train_images, train_labels = dataset.train_images, dataset.train_labels
-    if config.train_examples:
-        train_images = train_images[:config.train_examples]
-        train_labels = train_labels[:config.train_examples]
-    if config.val_split >= len(train_images):
-        raise ConfigError(f"invalid --val-split {config.val_split}: it must leave training examples "
-                          f"out of the {len(train_images)} available")
-    train_idx, val_idx = batches.split_validation(len(train_images), config.val_split)
-    replicated = distributed.replicated(mesh)
-
-    val = None
-    if config.val_split:
-        val = _stack_for_eval(train_images[val_idx], train_labels[val_idx], replicated)
-    return _Splits(
-        train=to_global((train_images[train_idx], train_labels[train_idx].astype(np.int32)),
-                        replicated),
-        val=val,
-        test=_stack_for_eval(dataset.test_images, dataset.test_labels, replicated),
-    )
-
-
-def evaluate(state: TrainState, eval_set: tuple[jax.Array, ...]) -> dict[str, float]:
-    """Return the mean loss and accuracy of `state` on a set built by `_stack_for_eval`."""
-    totals = eval_batches(state, *eval_set)
-    count = totals["count"].item()
-    return {"loss": totals["loss_sum"].item() / count, "accuracy": totals["correct"].item() / count}
-
-
-def _stack_for_eval(images: np.ndarray, labels: np.ndarray,
-                    sharding: NamedSharding) -> tuple[jax.Array, ...]:
-    """Pad to whole batches and stack as (N, EVAL_BATCH_SIZE, ...) with a mask of real rows."""
-    batches_needed = -(-len(images) // EVAL_BATCH_SIZE)
-    pad = batches_needed * EVAL_BATCH_SIZE - len(images)
-    images = np.pad(images, ((0, pad), (0, 0), (0, 0)))
-    labels = np.pad(labels.astype(np.int32), (0, pad))
-    mask = np.arange(len(labels)) < len(labels) - pad
-    stacked = [array.reshape(batches_needed, EVAL_BATCH_SIZE, *array.shape[1:])
-               for array in (images, labels, mask)]
-    return to_global(tuple(stacked), sharding)
 
 
 def _build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
@@ -174,7 +119,7 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
     if config.batch_size % mesh.size:
         raise ConfigError(f"invalid --batch-size {config.batch_size}: it must be divisible by the "
                           f"{mesh.size} devices, for example {mesh.size * 32}")
-    splits = _place_splits(dataset, config, mesh)
+    splits = place_splits(dataset, config, mesh)
     steps_per_epoch = len(splits.train[0]) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"invalid --batch-size {config.batch_size}: it exceeds the "
@@ -217,7 +162,7 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
 class _Loop:
     """The epoch loop of one run; `run` is the only entry point."""
 
-    def __init__(self, config: TrainConfig, checkpoints: RunCheckpoints, splits: _Splits,
+    def __init__(self, config: TrainConfig, checkpoints: RunCheckpoints, splits: Splits,
                  steps_per_epoch: int, mesh: Mesh, segments: list[dict], history: list[dict],
                  progress: dict[str, float], show_progress: bool, stop: StopRequest,
                  stop_at_step: int | None):

@@ -14,7 +14,6 @@ import http.server
 import importlib.util
 import os
 import pathlib
-import shutil
 import sys
 import threading
 import time
