@@ -180,7 +180,7 @@ class Op(NamedTuple):
     """One TrivialAugment-Wide op and how `trivial_augment` draws its magnitude."""
 
     function: Callable[[jax.Array, ArrayLike], jax.Array]
-    warp: Callable[[ArrayLike, tuple[int, ...]], jax.Array] | None  # its matrix, for geometric ops
+    warp: Callable[[ArrayLike, tuple[int, ...]], jax.Array] | None  # its matrix; None for photometric ops
     magnitudes: np.ndarray  # (NUM_BINS,) magnitude of each bin, before the sign
     signed: bool  # whether a random sign applies
 
@@ -198,7 +198,7 @@ _NO_MAGNITUDE = np.zeros(NUM_BINS)
 
 # torchvision's TrivialAugmentWide ops and ranges, less Color, which needs RGB.
 OPS = {
-    "identity": Op(identity, None, _NO_MAGNITUDE, False),
+    "identity": Op(identity, _no_warp, _NO_MAGNITUDE, False),
     "shear_x": Op(shear_x, _shear_x, 0.99 * _FRACTIONS, True),
     "shear_y": Op(shear_y, _shear_y, 0.99 * _FRACTIONS, True),
     "translate_x": Op(translate_x, _translate_x, _TRANSLATIONS, True),
@@ -216,17 +216,22 @@ _MAGNITUDES = np.stack([op.magnitudes for op in OPS.values()]).astype(np.float32
 _SIGNED = np.array([op.signed for op in OPS.values()])
 
 
+# Each op's row in the stack of candidate outputs: row 0 is the warped image, which the
+# geometric ops share, and each other op has a row of its own.
+_WARPS = np.array([op.warp is not None for op in OPS.values()])
+_ROWS = np.where(_WARPS, 0, np.cumsum(~_WARPS))
+
+
 def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike) -> jax.Array:
     """Return one (H, W, C) image transformed by op number `index` of `OPS` at `magnitude`."""
-    # Under vmap, lax.switch on a per-example index runs every branch and selects,
-    # with one gather per geometric op. Selecting the matrix first lets all geometric
-    # ops share one gather, and the other ops read `image` so they need not wait for
-    # it. Timed alone in a 64-step while_loop like `steps.train_steps`, at batch 32 on
-    # a shared 2-core CPU, this took about 20% less time than vmap of lax.switch.
+    # Every op runs and one output is picked, as vmap of lax.switch would do, but the
+    # geometric ops share one gather through a selected matrix. The pick indexes a
+    # stack because XLA on CPU fuses an elementwise select_n, and every op feeding it,
+    # into each consumer: the first convolution has nine, so all ops ran nine times.
     matrices = [(op.warp or _no_warp)(magnitude, image.shape) for op in OPS.values()]
     warped = _warp(image, jax.lax.select_n(index, *matrices))
-    outputs = [warped if op.warp else op.function(image, magnitude) for op in OPS.values()]
-    return jax.lax.select_n(index, *outputs)
+    others = [op.function(image, magnitude) for op in OPS.values() if op.warp is None]
+    return jnp.stack([warped, *others])[jnp.asarray(_ROWS)[index]]
 
 
 def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
@@ -235,10 +240,12 @@ def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
     The draw is torchvision's TrivialAugmentWide: an op uniformly, one of
     `NUM_BINS` bins uniformly, and for signed ops a random sign.
     """
-    op_key, bin_key, sign_key = jax.random.split(key, 3)
-    indices = jax.random.randint(op_key, (batch,), 0, len(OPS))
-    bins = jax.random.randint(bin_key, (batch,), 0, NUM_BINS)
-    negate = jax.random.bernoulli(sign_key, 0.5, (batch,)) & jnp.asarray(_SIGNED)[indices]
+    # One call for all three draws, since each jax.random call runs its own threefry
+    # loop on CPU. Taking 32 random bits modulo 13 or 31 is biased by under 1e-8.
+    op_bits, bin_bits, sign_bits = jax.random.bits(key, (3, batch))
+    indices = (op_bits % len(OPS)).astype(jnp.int32)
+    bins = (bin_bits % NUM_BINS).astype(jnp.int32)
+    negate = ((sign_bits & 1) == 1) & jnp.asarray(_SIGNED)[indices]
     magnitudes = jnp.where(negate, -1.0, 1.0) * jnp.asarray(_MAGNITUDES)[indices, bins]
     return indices, magnitudes
 

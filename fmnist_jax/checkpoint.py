@@ -9,6 +9,7 @@ never listed as a step.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any
@@ -17,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from fmnist_jax.errors import CheckpointError
+from fmnist_jax.errors import CheckpointError, UnrestorableCheckpointError
 from fmnist_jax.steps import TrainState
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
-# The metric `BestN` ranks epoch-end checkpoints by; mid-epoch saves carry none.
+# The metric that ranks epoch-end checkpoints for keeping the best. Mid-epoch saves have none.
 BEST_METRIC = "val/accuracy"
 
 
@@ -37,12 +38,14 @@ class RunCheckpoints:
         policies = [checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
-                keep_checkpoints_without_metrics=False))
+                get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False))
         # cleanup_tmp_directories removes only unfinished saves, such as one cut by kill -9.
+        # best_fn makes Orbax write each step's metrics beside it, so that BestN still
+        # knows the best step after the run folder is reopened on resume.
         options = ocp.CheckpointManagerOptions(
             create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True,
-            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=_best_metric if keep_best else None, best_mode="max")
         self.directory = directory
         self._manager = ocp.CheckpointManager(
             directory, item_names=(STATE_ITEM, METADATA_ITEM), options=options)
@@ -54,16 +57,20 @@ class RunCheckpoints:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """Return the kept step with the highest validation accuracy, or None if none has one."""
-        scored = [(metrics[BEST_METRIC], step) for step in self.steps()
-                  if BEST_METRIC in (metrics := self.read_metadata(step).get("metrics") or {})]
-        return max(scored)[1] if scored else None
+        """Return the kept step with the highest validation accuracy, or None if none has one.
+
+        Needs `keep_best=True`, under which Orbax stores each step's metrics.
+        """
+        return self._manager.best_step()
 
     def save(self, state: TrainState, metadata: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
         """Start saving `state` and `metadata` at `state.step`; the write finishes in the background."""
         step = int(state.step)
-        metadata = {"format_version": FORMAT_VERSION, "step": step, "metrics": metrics, **metadata}
+        # A deep copy through JSON: Orbax serialises in a background thread, while the
+        # caller goes on changing its history and sums.
+        metadata = json.loads(json.dumps(
+            {"format_version": FORMAT_VERSION, "step": step, "metrics": metrics, **metadata}))
         # Any failure here, including one of the previous save's background write, must
         # stop training rather than leave it running without checkpoints.
         try:
@@ -95,9 +102,10 @@ class RunCheckpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardRestore(abstract)}))
         except ValueError as error:
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} does not match this model "
-                f"({_first_line(error)}); resume with the settings it was saved with") from error
+            raise UnrestorableCheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be restored into this model "
+                f"({_first_line(error)}); resume with the settings it was saved with, or from "
+                "another step with --resume-from") from error
         logger.debug("restored step %d from %s", step, self.directory)
         return template.replace(**restored[STATE_ITEM])
 
@@ -106,11 +114,12 @@ class RunCheckpoints:
         try:
             self._manager.wait_until_finished()
         except Exception as error:
-            raise self._save_failed(self.latest_step(), error) from error
+            raise self._save_failed(None, error) from error
 
     def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        what = f"saving step {step}" if step is not None else "a pending save"
         return CheckpointError(
-            f"saving step {step} to {self.directory} failed ({_first_line(error)}); check free "
+            f"{what} to {self.directory} failed ({_first_line(error)}); check free "
             "disk space and permissions, then continue with --resume")
 
     def close(self) -> None:
@@ -118,7 +127,11 @@ class RunCheckpoints:
         try:
             self._manager.close()
         except Exception as error:
-            raise self._save_failed(self.latest_step(), error) from error
+            raise self._save_failed(None, error) from error
+
+
+def _best_metric(metrics: dict[str, float]) -> float:
+    return metrics[BEST_METRIC]
 
 
 def _arrays_of(state: TrainState) -> dict[str, Any]:

@@ -78,9 +78,11 @@ RESUMABLE_FIELDS = frozenset({
     "augment", "conv", "keep", "save_every_steps", "save_every_minutes", "steps_per_dispatch",
 })
 
-# Fields whose change starts a new training segment, with a new learning-rate schedule.
+# Fields whose change on resume starts a new training segment.
 SEGMENT_FIELDS = ("epochs", "optimizer", "lr", "schedule", "warmup_epochs", "weight_decay",
                   "momentum", "augment")
+# Of those, the fields whose change also restarts the learning-rate curve at the resume step.
+SCHEDULE_FIELDS = ("epochs", "lr", "schedule", "warmup_epochs")
 
 
 def from_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -120,6 +122,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("warmup_epochs", "weight_decay", "save_every_minutes"):
         if not getattr(config, name) >= 0:
             _reject(name, getattr(config, name), "must be 0 or more")
+    if not 0 <= config.seed < 2**32:
+        _reject("seed", config.seed, "must be in [0, 2**32)")
     if not 0 < config.lr < float("inf"):
         _reject("lr", config.lr, "must be a positive number such as 1e-3")
     if not 0 <= config.momentum < 1:

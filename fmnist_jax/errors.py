@@ -13,5 +13,9 @@ class CheckpointError(UserError):
     """A checkpoint or run folder that cannot be used as asked."""
 
 
+class UnrestorableCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, truncated or garbled."""
+
+
 class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss, so it stopped before saving."""

@@ -43,8 +43,8 @@ def build_direction(config: TrainConfig) -> optax.GradientTransformation:
 def build_schedule(config: TrainConfig, start_step: int, steps_per_epoch: int) -> Schedule:
     """Return the learning rate as a function of the global step for a segment starting at `start_step`.
 
-    The schedule's shape spans the segment, from `start_step` to the end of
-    `config.epochs`, so a resume that changes it decays over the steps that remain.
+    The schedule's shape spans from `start_step` to the end of `config.epochs`, so
+    a resume that changes it decays over the steps that remain.
     """
     total_steps = config.epochs * steps_per_epoch
     length = max(total_steps - start_step, 1)
@@ -54,13 +54,17 @@ def build_schedule(config: TrainConfig, start_step: int, steps_per_epoch: int) -
     elif config.schedule == "cosine":
         base = optax.cosine_decay_schedule(lr, decay_steps=length)
     elif config.schedule == "warmup_cosine":
-        warmup = min(round(config.warmup_epochs * steps_per_epoch), length - 1)
+        # At most half the segment, so that a short segment still decays towards 0.
+        warmup = min(round(config.warmup_epochs * steps_per_epoch), length // 2)
         base = optax.warmup_cosine_decay_schedule(
             init_value=lr / WARMUP_START_DIVISOR, peak_value=lr, warmup_steps=warmup,
             decay_steps=length, end_value=0.0)
     elif config.schedule == "step":
-        base = optax.piecewise_constant_schedule(
-            lr, {length // 2: STEP_DECAY_FACTOR, (3 * length) // 4: STEP_DECAY_FACTOR})
+        # In a segment of under 4 steps both boundaries fall on one step, which then decays twice.
+        factors: dict[int, float] = {}
+        for boundary in (length // 2, (3 * length) // 4):
+            factors[boundary] = factors.get(boundary, 1.0) * STEP_DECAY_FACTOR
+        base = optax.piecewise_constant_schedule(lr, factors)
     else:
         raise ValueError(f"unknown schedule {config.schedule!r}")
 

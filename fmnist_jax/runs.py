@@ -16,7 +16,7 @@ import jax
 from fmnist_jax import config as config_lib
 from fmnist_jax import data, distributed
 from fmnist_jax.checkpoint import RunCheckpoints
-from fmnist_jax.errors import CheckpointError, UserError
+from fmnist_jax.errors import CheckpointError, ConfigError, UnrestorableCheckpointError
 from fmnist_jax.interrupt import Interrupted, StopRequest
 from fmnist_jax.train_loop import Resume, RunResult, restore_template, train_and_evaluate
 
@@ -26,6 +26,9 @@ DEFAULT_ROOT = pathlib.Path("ckpts")
 CHECKPOINTS = "checkpoints"
 LOCK_FILE = ".lock"
 UNRESTORABLE = "unrestorable"
+# What Orbax, TensorStore and json raise on missing, truncated or garbled checkpoint files.
+CORRUPTION_ERRORS = (ValueError, KeyError, TypeError, EOFError, FileNotFoundError,
+                     NotADirectoryError)
 
 
 def new_run_name() -> str:
@@ -77,8 +80,8 @@ def _pick_steps(checkpoints: RunCheckpoints, resume_from: str) -> list[int]:
         best = checkpoints.best_step()
         if best is None:
             raise CheckpointError(
-                f"{checkpoints.directory} has no checkpoint with a validation accuracy, because "
-                "the run has no validation split (--val-split); use --resume-from latest")
+                f"{checkpoints.directory} has no checkpoint with a validation accuracy: the run "
+                "has no validation split (--val-split) or no finished epoch; use --resume-from latest")
         return [best]
     if not resume_from.isdigit() or int(resume_from) not in steps:
         raise CheckpointError(f"invalid --resume-from {resume_from!r}: {checkpoints.directory} "
@@ -86,29 +89,34 @@ def _pick_steps(checkpoints: RunCheckpoints, resume_from: str) -> list[int]:
     return [int(resume_from)]
 
 
-def _find_resume_point(run_dir: pathlib.Path, resume_from: str) -> Resume:
-    """Return the newest requested checkpoint that restores cleanly, warning about each one skipped.
+def find_resume_point(run_dir: pathlib.Path, resume_from: str = "latest",
+                      overrides: dict[str, Any] | None = None) -> tuple[Resume, config_lib.TrainConfig]:
+    """Restore the newest requested checkpoint that restores cleanly; return it and the resumed config.
 
-    A skipped checkpoint moves to `<run>/unrestorable/` for inspection; nothing here deletes files.
+    `overrides` are checked against the saved config before any array is read. A
+    checkpoint with missing, truncated or garbled files is moved to
+    `<run>/unrestorable/` with a warning, and the next older one is tried.
     """
-    checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1)
+    checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1, keep_best=True)
     try:
         for step in _pick_steps(checkpoints, resume_from):
             try:
                 metadata = checkpoints.read_metadata(step)
-                saved = config_lib.TrainConfig.from_dict(metadata["config"])
-            except UserError:
-                raise  # readable, but from a newer version: stop rather than skip
-            # Orbax and TensorStore raise many types for truncated or garbled files.
-            except Exception as error:  # noqa: BLE001
+            except CORRUPTION_ERRORS as error:
                 _set_aside(step, checkpoints.directory, error)
                 continue
+            saved = config_lib.TrainConfig.from_dict(metadata["config"])
+            config = config_lib.resume_overrides(saved, overrides or {})
+            if config.epochs < metadata["epoch"]:
+                raise ConfigError(
+                    f"invalid --epochs {config.epochs}: the run has already trained "
+                    f"{metadata['epoch']:g} epochs; pass a larger total")
             try:
-                checkpoints.restore(step, restore_template(saved))
-            except Exception as error:  # noqa: BLE001
+                state = checkpoints.restore(step, restore_template(saved))
+            except (UnrestorableCheckpointError, *CORRUPTION_ERRORS) as error:
                 _set_aside(step, checkpoints.directory, error)
                 continue
-            return Resume(step=step, metadata=metadata, directory=checkpoints.directory)
+            return Resume(step=step, metadata=metadata, state=state), config
     finally:
         checkpoints.close()
     raise CheckpointError(f"no checkpoint in {checkpoints.directory} can be restored; the "
@@ -118,11 +126,19 @@ def _find_resume_point(run_dir: pathlib.Path, resume_from: str) -> Resume:
 def _set_aside(step: int, directory: pathlib.Path, error: Exception) -> None:
     """Move an unrestorable step out of Orbax's view, so that training can save that step again."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    logger.warning("skipping checkpoint step %d: it cannot be restored (%s: %s)",
+                   step, type(error).__name__, reason)
+    if not distributed.is_primary():
+        return  # process 0 moves it; the others skip it alike
     target = directory.parent / UNRESTORABLE / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target.parent.mkdir(exist_ok=True)
-    (directory / str(step)).rename(target)
-    logger.warning("skipping checkpoint step %d: it cannot be restored (%s: %s); moved it to %s",
-                   step, type(error).__name__, reason, target)
+    try:
+        target.parent.mkdir(exist_ok=True)
+        (directory / str(step)).rename(target)
+    except OSError as move_error:
+        raise CheckpointError(f"cannot move unrestorable checkpoint {directory / str(step)} to "
+                              f"{target} ({move_error.strerror}); move or delete it by hand, "
+                              "then resume again") from move_error
+    logger.warning("moved checkpoint step %d to %s", step, target)
 
 
 @contextlib.contextmanager
@@ -170,13 +186,14 @@ def launch(preset: str, overrides: dict[str, Any], *, root: pathlib.Path = DEFAU
         logger.info("no checkpoint found in %s, so starting a fresh run",
                     run_dir if run_dir is not None else root)
         resume = False
+    if run_dir is None and jax.process_count() > 1:
+        raise ConfigError("a job of several processes needs --run NAME, so that every "
+                                     "process writes to the same run folder")
     run_dir = run_dir or root / new_run_name()
     with _run_lock(run_dir):
         resume_point = None
         if resume:
-            resume_point = _find_resume_point(run_dir, resume_from)
-            saved = config_lib.TrainConfig.from_dict(resume_point.metadata["config"])
-            config = config_lib.resume_overrides(saved, overrides)
+            resume_point, config = find_resume_point(run_dir, resume_from, overrides)
             if resume_point.step != checkpoint_steps(run_dir)[-1]:
                 return _launch_branch(run_dir, resume_point, config, data_source, data_dir,
                                       show_progress, draw_plots, stop_at_step)
@@ -201,6 +218,17 @@ def _launch_branch(run_dir: pathlib.Path, resume_point: Resume, config, *rest) -
         return _train(branch, config, resume_point, *rest)
 
 
+def _resume_command(run_dir: pathlib.Path, data_source: str, data_dir: str | None) -> str:
+    """Return the command line that continues `run_dir`, with the data flags of this one."""
+    words = ["python", "scripts/train.py", "--resume", "--run", run_dir.name,
+             "--ckpt-dir", str(run_dir.parent)]
+    if data_source != "idx":
+        words += ["--data-source", data_source]
+    if data_dir:
+        words += ["--data-dir", data_dir]
+    return shlex.join(words)
+
+
 def _train(run_dir: pathlib.Path, config: config_lib.TrainConfig, resume_point: Resume | None,
            data_source: str, data_dir: str | None, show_progress: bool, draw_plots: bool,
            stop_at_step: int | None) -> RunResult:
@@ -214,8 +242,7 @@ def _train(run_dir: pathlib.Path, config: config_lib.TrainConfig, resume_point: 
                                       show_progress=show_progress, draw_plots=draw_plots,
                                       stop=stop, stop_at_step=stop_at_step)
         except Interrupted as interrupted:
-            command = (f"python scripts/train.py --resume --run {run_dir.name} "
-                       f"--ckpt-dir {shlex.quote(str(run_dir.parent))}")
+            command = _resume_command(run_dir, data_source, data_dir)
             raise Interrupted(f"{interrupted}; continue with: {command}",
                               interrupted.exit_code) from None
 

@@ -10,15 +10,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fmnist_jax import batches, distributed, optim, plots
 from fmnist_jax.distributed import make_mesh, to_global
 from fmnist_jax.checkpoint import BEST_METRIC, RunCheckpoints
-from fmnist_jax.config import SEGMENT_FIELDS, TrainConfig
+from fmnist_jax.config import SCHEDULE_FIELDS, SEGMENT_FIELDS, TrainConfig
 from fmnist_jax.data import Dataset
-from fmnist_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
+from fmnist_jax.errors import ConfigError, NonFiniteLossError
 from fmnist_jax.interrupt import Interrupted, StopRequest
 from fmnist_jax.model import CNN, resolve_conv
 from fmnist_jax.splits import Splits, evaluate, place_splits
@@ -28,11 +30,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """A resume point: a checkpoint step, its folder and the metadata saved with it."""
+    """A resume point: a checkpoint step, the metadata saved with it and its restored state."""
 
     step: int
     metadata: dict[str, Any]
-    directory: pathlib.Path  # the checkpoint folder holding `step`
+    state: TrainState  # as saved, with the optimizer and schedule of the saved config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ class RunResult:
     checkpoint_dir: pathlib.Path
 
 
-def _build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
+def build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
                  mesh: Mesh) -> TrainState:
     model = CNN(width=config.width, conv=resolve_conv(config.conv))
     state = create_train_state(model, optim.build_direction(config),
@@ -55,45 +57,51 @@ def _build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
 
 
 def restore_template(config: TrainConfig) -> TrainState:
-    """Return a state with the structure, shapes and placement that a checkpoint of `config` restores into."""
-    return _build_state(config, 0, 1, make_mesh())
+    """Return an abstract state: the structure, shapes and placement that a checkpoint of `config` restores into."""
+    mesh = make_mesh()
+    model = CNN(width=config.width, conv=resolve_conv(config.conv))
+    abstract = jax.eval_shape(lambda: create_train_state(
+        model, optim.build_direction(config), optim.build_schedule(config, 0, 1), config.seed))
+    replicated = distributed.replicated(mesh)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                          sharding=replicated), abstract)
 
 
-def _segment(config: TrainConfig, start_step: int, steps_per_epoch: int, reason: str) -> dict:
+def _segment(config: TrainConfig, start_step: int, steps_per_epoch: int, reason: str,
+             schedule_start_step: int) -> dict:
     settings = {name: getattr(config, name) for name in SEGMENT_FIELDS}
     return {"start_step": start_step, "start_epoch": start_step / steps_per_epoch,
-            "reason": reason, **settings}
+            "schedule_start_step": schedule_start_step, "reason": reason, **settings}
 
 
-def _restore(checkpoints: RunCheckpoints, resume: Resume, config: TrainConfig,
-             steps_per_epoch: int, mesh: Mesh) -> tuple[TrainState, list[dict]]:
-    """Return the restored state under `config` and the segments, appending one if settings changed."""
+def _continue(resume: Resume, config: TrainConfig, steps_per_epoch: int,
+              mesh: Mesh) -> tuple[TrainState, list[dict]]:
+    """Return the resumed state under `config` and the segments, appending one if settings changed.
+
+    The learning-rate curve restarts at the resume step only when a field of
+    SCHEDULE_FIELDS changed. Optimizer moments are kept within an optimizer family.
+    """
     saved = TrainConfig.from_dict(resume.metadata["config"])
-    if saved.width != config.width:
-        raise CheckpointError(
-            f"checkpoint {checkpoints.directory / str(resume.step)} contains a model of width "
-            f"{saved.width}, not {config.width}; resume without --width or start a new run")
     segments = list(resume.metadata["segments"])
     last = segments[-1]
     changes = [f"{name} {last[name]!r} -> {getattr(config, name)!r}"
                for name in SEGMENT_FIELDS if last[name] != getattr(config, name)]
     if changes:
+        new_curve = any(last[name] != getattr(config, name) for name in SCHEDULE_FIELDS)
+        schedule_start = resume.step if new_curve else last["schedule_start_step"]
         segments.append(_segment(config, resume.step, steps_per_epoch,
-                                 "resumed with " + ", ".join(changes)))
+                                 "resumed with " + ", ".join(changes), schedule_start))
         logger.info("new training segment from step %d: %s", resume.step, ", ".join(changes))
 
-    template = _build_state(saved, last["start_step"], steps_per_epoch, mesh)
-    state = checkpoints.restore(resume.step, template)
-    logger.info("restored step %d (epoch %.2f) from %s", resume.step,
-                resume.step / steps_per_epoch, checkpoints.directory)
-    fresh = _build_state(config, segments[-1]["start_step"], steps_per_epoch, mesh)
+    tx = optim.build_direction(config)
+    schedule = optim.build_schedule(config, segments[-1]["schedule_start_step"], steps_per_epoch)
+    state = resume.state
     opt_state = state.opt_state
     if optim.family(saved.optimizer) != optim.family(config.optimizer):
-        opt_state = fresh.tx.init(state.params)
+        opt_state = jax.jit(tx.init, out_shardings=distributed.replicated(mesh))(state.params)
         logger.warning("optimizer changed from %s to %s, so its state (moments) starts afresh",
                        saved.optimizer, config.optimizer)
-    state = state.replace(tx=fresh.tx, lr_schedule=fresh.lr_schedule, opt_state=opt_state)
-    return state, segments
+    return state.replace(tx=tx, lr_schedule=schedule, opt_state=opt_state), segments
 
 
 def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Dataset,
@@ -106,10 +114,11 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
       config: the settings of this run, with any resume overrides already applied.
       run_dir: the run folder; checkpoints go to `run_dir / "checkpoints"`.
       dataset: Fashion-MNIST as uint8 arrays.
-      resume: the checkpoint to continue from, or None for a fresh start.
+      resume: the restored checkpoint to continue from, or None for a fresh start.
       show_progress: draw a progress bar per epoch.
       draw_plots: write the curves and the prediction grid into `run_dir` at the end.
-      stop: polled between steps; once it is requested, the loop saves and raises Interrupted.
+      stop: polled after each dispatch of steps; once requested, the loop saves and
+        raises Interrupted.
       stop_at_step: save and raise Interrupted on reaching this step, as on SIGTERM.
 
     Returns:
@@ -128,19 +137,12 @@ def train_and_evaluate(config: TrainConfig, run_dir: pathlib.Path, dataset: Data
                                  keep_best=splits.val is not None)
     try:
         if resume is None:
-            state = _build_state(config, 0, steps_per_epoch, mesh)
-            segments = [_segment(config, 0, steps_per_epoch, "fresh start")]
+            state = build_state(config, 0, steps_per_epoch, mesh)
+            segments = [_segment(config, 0, steps_per_epoch, "fresh start", 0)]
             history: list[dict[str, float]] = []
             progress: dict[str, float] = {}
         else:
-            source = checkpoints
-            if resume.directory != checkpoints.directory:
-                source = RunCheckpoints(resume.directory, keep=config.keep)
-            try:
-                state, segments = _restore(source, resume, config, steps_per_epoch, mesh)
-            finally:
-                if source is not checkpoints:
-                    source.close()
+            state, segments = _continue(resume, config, steps_per_epoch, mesh)
             history = list(resume.metadata["history"])
             progress = dict(resume.metadata.get("epoch_progress", {}))
         loop = _Loop(config, checkpoints, splits, steps_per_epoch, mesh, segments, history,
@@ -190,54 +192,65 @@ class _Loop:
             logger.info("the run has already trained %d epochs; pass a larger --epochs "
                         "to continue it", self.config.epochs)
         while step < total_steps:
-            state = self._run_epoch(state, step // self.steps_per_epoch)
-            step = int(state.step)
-            if step < total_steps and self._stop_requested(step):
-                self._stop(state, saved=True)
+            state, step = self._run_epoch(state, step)
+            if step < total_steps and self._agree(self._stop_requested(step))[0]:
+                self._stop(state, step, saved=True)
         return state
 
     def _stop_requested(self, step: int) -> bool:
         return self.stop.requested or step == self.stop_at_step
 
-    def _stop(self, state: TrainState, saved: bool) -> None:
+    @staticmethod
+    def _agree(*flags: bool) -> tuple[bool, ...]:
+        """Return each flag or-ed over all processes, so that every process saves and stops together."""
+        if jax.process_count() == 1:
+            return flags
+        gathered = np.asarray(multihost_utils.process_allgather(np.array(flags)))
+        return tuple(bool(flag) for flag in gathered.reshape(-1, len(flags)).any(axis=0))
+
+    def _stop(self, state: TrainState, step: int, saved: bool) -> None:
         """Save unless `saved`, wait for every pending save, then raise Interrupted."""
         if not saved:
-            self._save(state)
+            self._save(state, step)
         self.checkpoints.wait()
-        step = int(state.step)
         raise Interrupted(
             f"stopped at step {step} (epoch {step / self.steps_per_epoch:.2f}) after saving it to "
             f"{self.checkpoints.directory}", self.stop.exit_code)
 
-    def _run_epoch(self, state: TrainState, epoch: int) -> TrainState:
+    def _run_epoch(self, state: TrainState, step: int) -> tuple[TrainState, int]:
+        """Train from `step` to the end of its epoch, evaluate and save; return the state and step."""
         config = self.config
         started = time.monotonic()
+        epoch = step // self.steps_per_epoch
         order = batches.epoch_order(config.seed, epoch, len(self.splits.train[0]))
-        position = int(state.step) - epoch * self.steps_per_epoch
+        position = step - epoch * self.steps_per_epoch
         bar = tqdm(total=self.steps_per_epoch, initial=position, unit="step",
                    desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (self.show_progress and distributed.is_primary()),
                    leave=False, dynamic_ncols=True)
         with bar:
             while position < self.steps_per_epoch:
-                num_steps = self._chunk_length(int(state.step), position)
+                num_steps = self._chunk_length(step, position)
                 chunk = batches.chunk_indices(order, position, num_steps, config.batch_size,
                                               config.steps_per_dispatch)
                 state, totals = train_steps(
                     state, *self.splits.train, to_global(chunk, self.index_sharding),
                     jnp.int32(num_steps), augmentation=config.augment)
-                self._accumulate(totals, int(state.step))
+                self._accumulate(jax.device_get(totals), step)
+                step += num_steps
                 position += num_steps
                 bar.update(num_steps)
                 bar.set_postfix(loss=f"{self.progress['loss_sum'] / self.progress['steps']:.4f}",
-                                lr=f"{totals['last_lr'].item():.2e}")
+                                lr=f"{float(totals['last_lr']):.2e}")
                 if position < self.steps_per_epoch:
-                    if self._stop_requested(int(state.step)):
-                        self._stop(state, saved=False)
-                    if self._due_for_save(int(state.step)):
-                        self._save(state)
-        self._finish_epoch(state, epoch, time.monotonic() - started)
-        return state
+                    stop, save = self._agree(self._stop_requested(step), self._due_for_save(step))
+                    if stop:
+                        self._stop(state, step, saved=False)
+                    if save:
+                        self._save(state, step)
+                        logger.info("saved step %d (epoch %.2f)", step, step / self.steps_per_epoch)
+        self._finish_epoch(state, epoch, step, time.monotonic() - started)
+        return state, step
 
     def _chunk_length(self, step: int, position: int) -> int:
         length = min(self.config.steps_per_dispatch, self.steps_per_epoch - position)
@@ -248,15 +261,17 @@ class _Loop:
             length = min(length, self.stop_at_step - step)
         return length
 
-    def _accumulate(self, totals: dict[str, jax.Array], step: int) -> None:
-        if totals["nonfinite"].item():
+    def _accumulate(self, totals: dict[str, np.ndarray], step: int) -> None:
+        """Add a dispatch's host-side totals to the epoch's sums; raise on a non-finite loss."""
+        if totals["nonfinite"]:
+            failed_step = step + int(totals["steps"]) + 1
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {step + 1}, so training stopped without "
+                f"the loss became non-finite at step {failed_step}, so training stopped without "
                 f"saving; resume from the last checkpoint with a lower learning rate, for "
                 f"example --resume --lr {self.config.lr / 10:g}")
-        self.progress["loss_sum"] += totals["loss_sum"].item()
-        self.progress["accuracy_sum"] += totals["accuracy_sum"].item()
-        self.progress["steps"] += totals["steps"].item()
+        self.progress["loss_sum"] += float(totals["loss_sum"])
+        self.progress["accuracy_sum"] += float(totals["accuracy_sum"])
+        self.progress["steps"] += int(totals["steps"])
 
     def _due_for_save(self, step: int) -> bool:
         every_steps, every_minutes = self.config.save_every_steps, self.config.save_every_minutes
@@ -264,11 +279,11 @@ class _Loop:
             return True
         return bool(every_minutes) and time.monotonic() - self.last_save_time >= 60 * every_minutes
 
-    def _save(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
-        steps = int(state.step)
+    def _save(self, state: TrainState, step: int,
+              metrics: dict[str, float] | None = None) -> None:
         metadata = {
             "config": self.config.to_dict(),
-            "epoch": steps / self.steps_per_epoch,
+            "epoch": step / self.steps_per_epoch,
             "history": self.history,
             "segments": self.segments,
             "epoch_progress": self.progress,
@@ -276,20 +291,20 @@ class _Loop:
         self.checkpoints.save(state, metadata, metrics)
         self.last_save_time = time.monotonic()
 
-    def _finish_epoch(self, state: TrainState, epoch: int, seconds: float) -> None:
+    def _finish_epoch(self, state: TrainState, epoch: int, step: int, seconds: float) -> None:
         steps = max(self.progress["steps"], 1)
-        row = {"epoch": epoch + 1, "step": int(state.step),
+        row = {"epoch": epoch + 1, "step": step,
                "train/loss": self.progress["loss_sum"] / steps,
                "train/accuracy": self.progress["accuracy_sum"] / steps,
-               "lr": float(state.lr_schedule(state.step - 1)), "seconds": seconds}
+               "lr": float(state.lr_schedule(step - 1)), "seconds": seconds}
         if self.splits.val is not None:
             row.update(_prefixed("val", evaluate(state, self.splits.val)))
         row.update(_prefixed("test", evaluate(state, self.splits.test)))
         self.history.append(row)
         self.progress = {"loss_sum": 0.0, "accuracy_sum": 0.0, "steps": 0}
         metrics = {BEST_METRIC: row["val/accuracy"]} if "val/accuracy" in row else None
-        self._save(state, metrics)
-        logger.info(_summary_line(row, self.config.epochs))
+        self._save(state, step, metrics)
+        logger.info("%s | saved step %d", _summary_line(row, self.config.epochs), step)
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -66,6 +66,31 @@ def test_keeps_best_besides_latest(tmp_path):
     checkpoints.close()
 
 
+def test_best_survives_reopening(tmp_path):
+    first = RunCheckpoints(tmp_path, keep=2, keep_best=True)
+    for step, accuracy in {10: 0.5, 20: 0.9, 30: 0.6}.items():
+        first.save(state_at(step), {}, {checkpoint.BEST_METRIC: accuracy})
+    first.wait()
+    first.close()
+    second = RunCheckpoints(tmp_path, keep=2, keep_best=True)
+    for step, accuracy in {40: 0.7, 50: 0.65}.items():
+        second.save(state_at(step), {}, {checkpoint.BEST_METRIC: accuracy})
+    second.wait()
+    assert second.steps() == [20, 40, 50]
+    assert second.best_step() == 20
+    second.close()
+
+
+def test_metadata_is_copied_at_save(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    history = [{"epoch": 1}]
+    checkpoints.save(state_at(1), {"history": history})
+    history.append({"epoch": 2})  # the caller goes on while the write is in flight
+    checkpoints.wait()
+    assert checkpoints.read_metadata(1)["history"] == [{"epoch": 1}]
+    checkpoints.close()
+
+
 def test_newer_format_version_is_rejected(tmp_path, monkeypatch):
     checkpoints = RunCheckpoints(tmp_path, keep=1)
     monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 99)
@@ -81,6 +106,6 @@ def test_other_width_is_rejected(tmp_path):
     checkpoints = RunCheckpoints(tmp_path, keep=1)
     checkpoints.save(fresh_state(width=4).replace(step=1), {})
     checkpoints.wait()
-    with pytest.raises(CheckpointError, match="does not match this model"):
+    with pytest.raises(CheckpointError, match="cannot be restored into this model"):
         checkpoints.restore(1, fresh_state(width=6))
     checkpoints.close()

@@ -63,6 +63,7 @@ def test_restore_never_unpickles(unbroken, tmp_path, monkeypatch):
     state = checkpoints.restore(checkpoints.latest_step(), train_loop.restore_template(TWO_EPOCHS))
     checkpoints.close()
     assert_states_equal(state, unbroken.state)
+    assert_states_equal(resume_point(unbroken.checkpoint_dir.parent).state, unbroken.state)
 
 
 def test_failed_background_save_stops_training(tmp_path, monkeypatch):

@@ -11,8 +11,7 @@ import jax
 import optax
 import pytest
 
-from fmnist_jax import steps, train_loop
-from fmnist_jax.checkpoint import RunCheckpoints
+from fmnist_jax import runs, steps, train_loop
 from fmnist_jax.config import TrainConfig
 from tests.conftest import synthetic_dataset
 from tests.test_steps import make_batch
@@ -27,20 +26,13 @@ def train(run_dir, config=CONFIG, resume=None):
                                          show_progress=False, draw_plots=False)
 
 
-def resume_point(run_dir, step=None) -> train_loop.Resume:
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep=1)
-    step = step if step is not None else checkpoints.latest_step()
-    metadata = checkpoints.read_metadata(step)
-    checkpoints.close()
-    return train_loop.Resume(step=step, metadata=metadata, directory=run_dir / "checkpoints")
+def resume_point(run_dir) -> train_loop.Resume:
+    return runs.find_resume_point(run_dir)[0]
 
 
 def restore(run_dir, config):
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep=3)
-    state, segments = train_loop._restore(checkpoints, resume_point(run_dir), config,
-                                          STEPS_PER_EPOCH, train_loop.make_mesh())
-    checkpoints.close()
-    return state, segments
+    return train_loop._continue(resume_point(run_dir), config, STEPS_PER_EPOCH,
+                                train_loop.make_mesh())
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +64,20 @@ def test_first_update_after_resume_uses_new_lr(one_epoch):
     expected = optax.apply_updates(state.params, jax.tree.map(lambda d: -3e-4 * d, direction))
     assert float(metrics["lr"]) == pytest.approx(3e-4)
     chex.assert_trees_all_close(new_state.params, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_augment_change_keeps_lr_curve(one_epoch):
+    run_dir, _ = one_epoch
+    _, segments = restore(run_dir, dataclasses.replace(CONFIG, augment="none"))
+    assert len(segments) == 2
+    assert segments[1]["augment"] == "none"
+    assert segments[1]["schedule_start_step"] == 0
+
+
+def test_lr_change_restarts_lr_curve(one_epoch):
+    run_dir, _ = one_epoch
+    _, segments = restore(run_dir, dataclasses.replace(CONFIG, epochs=2, lr=3e-4))
+    assert segments[1]["schedule_start_step"] == STEPS_PER_EPOCH
 
 
 def test_unchanged_resume_keeps_segment(one_epoch):
