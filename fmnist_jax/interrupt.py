@@ -21,7 +21,10 @@ class Interrupted(UserError):
 
 
 class StopRequest:
-    """Turns SIGTERM and the first SIGINT into a flag the training loop polls between steps.
+    """Turns SIGTERM and the first SIGINT into a flag the training loop polls after each dispatch.
+
+    A dispatch runs at most `steps_per_dispatch` steps, well under a second on CPU
+    for the default model, and the loop saves as soon as it returns.
 
     A second SIGINT raises KeyboardInterrupt at once. Finished checkpoints survive
     that, because Orbax only renames a checkpoint into place once it is complete.
@@ -38,7 +41,8 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        # 128 + SIGINT is the shell's code for Ctrl-C; a preempted job that saved exits cleanly.
+        # 128 + SIGINT is the shell's code for Ctrl-C. After SIGTERM the job saved and can be
+        # resumed, so it exits 0 like any clean shutdown a preempting scheduler asks for.
         return 130 if self.signal_name == "SIGINT" else 0
 
     def __enter__(self) -> StopRequest:
@@ -57,5 +61,5 @@ class StopRequest:
         if self.requested and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = name
-        logger.warning("%s received: saving after the current step, then exiting "
+        logger.warning("%s received: saving after the steps in flight, then exiting "
                        "(press Ctrl-C again to abort without saving)", name)

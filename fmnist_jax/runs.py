@@ -116,6 +116,8 @@ def find_resume_point(run_dir: pathlib.Path, resume_from: str = "latest",
             except (UnrestorableCheckpointError, *CORRUPTION_ERRORS) as error:
                 _set_aside(step, checkpoints.directory, error)
                 continue
+            logger.info("restored step %d (epoch %.2f) from %s", step, metadata["epoch"],
+                        checkpoints.directory)
             return Resume(step=step, metadata=metadata, state=state), config
     finally:
         checkpoints.close()

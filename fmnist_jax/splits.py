@@ -6,7 +6,7 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmnist_jax import batches, distributed
 from fmnist_jax.config import TrainConfig
@@ -38,27 +38,31 @@ def place_splits(dataset: Dataset, config: TrainConfig, mesh: Mesh) -> Splits:
                           f"out of the {len(train_images)} available")
     train_idx, val_idx = batches.split_validation(len(train_images), config.val_split)
     replicated = distributed.replicated(mesh)
+    # Each device evaluates its share of every batch when the devices divide the batch.
+    eval_sharding = replicated
+    if EVAL_BATCH_SIZE % mesh.size == 0:
+        eval_sharding = NamedSharding(mesh, PartitionSpec(None, distributed.DATA_AXIS))
 
     val = None
     if config.val_split:
-        val = stack_for_eval(train_images[val_idx], train_labels[val_idx], replicated)
+        val = stack_for_eval(train_images[val_idx], train_labels[val_idx], eval_sharding)
     return Splits(
         train=to_global((train_images[train_idx], train_labels[train_idx].astype(np.int32)),
                         replicated),
         val=val,
-        test=stack_for_eval(dataset.test_images, dataset.test_labels, replicated),
+        test=stack_for_eval(dataset.test_images, dataset.test_labels, eval_sharding),
     )
 
 
 def evaluate(state: TrainState, eval_set: tuple[jax.Array, ...]) -> dict[str, float]:
     """Return the mean loss and accuracy of `state` on a set built by `stack_for_eval`."""
-    totals = eval_batches(state, *eval_set)
-    count = totals["count"].item()
-    return {"loss": totals["loss_sum"].item() / count, "accuracy": totals["correct"].item() / count}
+    totals = jax.device_get(eval_batches(state, *eval_set))
+    count = int(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": int(totals["correct"]) / count}
 
 
 def stack_for_eval(images: np.ndarray, labels: np.ndarray,
-                    sharding: NamedSharding) -> tuple[jax.Array, ...]:
+                   sharding: NamedSharding) -> tuple[jax.Array, ...]:
     """Pad to whole batches and stack as (N, EVAL_BATCH_SIZE, ...) with a mask of real rows."""
     batches_needed = -(-len(images) // EVAL_BATCH_SIZE)
     pad = batches_needed * EVAL_BATCH_SIZE - len(images)

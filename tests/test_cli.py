@@ -61,7 +61,9 @@ def test_history_shows_learning(resumed_run):
     run_dir, _, _ = resumed_run
     history = metadata(run_dir, 192)["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert history[-1]["lr"] == pytest.approx(3e-4)
+    # The new segment runs warmup-cosine from step 128 with a 3e-4 peak, decaying to 0.
+    assert 0 < history[-1]["lr"] < 3e-4
+    assert history[0]["lr"] > 3e-4
     assert history[-1]["test/accuracy"] > 0.5  # chance is 0.1
 
 

@@ -117,13 +117,14 @@ def test_second_sigint_aborts_and_keeps_checkpoints(reference, tmp_path):
 
 
 def test_kill9_chaos_matches_reference(real_data_dir, tmp_path):
-    settings = ["--train-examples", "1024", "--val-split", "0", "--epochs", "2",
-                "--steps-per-dispatch", "2",
-                "--save-every-steps", "2", "--keep", "1000"]
+    # 256 steps, saving every 2, so that kills land in start-up, training and saves.
+    settings = ["--train-examples", "1024", "--val-split", "0", "--epochs", "8",
+                "--steps-per-dispatch", "2", "--save-every-steps", "2", "--keep", "1000"]
     env = {**os.environ, "FMNIST_DATA_DIR": str(real_data_dir)}
-    summary = chaos.run_chaos(tmp_path, settings, kills=5, min_delay=6.0, max_delay=14.0,
+    summary = chaos.run_chaos(tmp_path, settings, kills=5, min_delay=0.5, max_delay=4.0,
                               seed=int(time.time()), env=env)
     print(json.dumps(summary))
+    assert summary["kills_while_running"] >= 4
     assert summary["failed_resumes"] == 0
     assert summary["lost_checkpoints"] == []
     assert summary["unrestorable_checkpoints"] == []
