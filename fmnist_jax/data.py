@@ -157,7 +157,9 @@ def load(
     if source == "idx":
         return _load_idx(data_dir, download=download, mirror=mirror, progress=progress)
     if source == "tfds":
-        return _load_tfds(data_dir, download=download, progress=progress)
+        from fmnist_jax import data_tfds  # imports tensorflow only when asked for
+
+        return data_tfds.load(data_dir, download=download, progress=progress)
     raise ValueError(f"unknown data source {source!r}: expected 'idx' or 'tfds'")
 
 
@@ -168,7 +170,7 @@ class _IdxFormatError(Exception):
     """Invalid content in one file. The caller adds the file or URL and the fix to the message."""
 
 
-def _missing_files(folder: pathlib.Path) -> list[str]:
+def missing_files(folder: pathlib.Path) -> list[str]:
     return [name for name in FILES if not (folder / name).is_file()]
 
 
@@ -182,7 +184,7 @@ def _load_idx(
                 f"data folder {folder} does not exist: pass a folder that contains "
                 f"{', '.join(FILES)}"
             )
-        missing = _missing_files(folder)
+        missing = missing_files(folder)
         if missing:
             raise DataError(
                 f"data folder {folder} is missing {', '.join(missing)}: copy the four "
@@ -199,7 +201,7 @@ def _load_idx(
     candidates.append((cache_dir, "cache"))
 
     for folder, origin in candidates:
-        missing = _missing_files(folder)
+        missing = missing_files(folder)
         if not missing:
             return _read_folder(folder, f"{folder} ({origin})")
         if origin == "FMNIST_DATA_DIR":
@@ -335,7 +337,7 @@ def _download_missing(
         ) from None
 
     arrays = {}
-    for name in _missing_files(cache_dir):
+    for name in missing_files(cache_dir):
         arrays[name] = _download_file(cache_dir, name, bases, progress=progress)
     return arrays
 
@@ -407,76 +409,3 @@ def _describe_download_error(err: Exception) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err)
-
-
-# --- tensorflow-datasets ----------------------------------------------------
-
-
-def _load_tfds(data_dir: str | os.PathLike | None, *, download: bool, progress: bool) -> Dataset:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise DataError(
-            "tensorflow-datasets is not installed, so source 'tfds' is unavailable. "
-            "Fix: pip install 'fmnist-jax[tfds]', or use source 'idx'"
-        ) from None
-    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
-
-    tfds_dir = default_cache_dir() / "tensorflow_datasets"
-    download_config = None
-    if data_dir is not None:
-        manual_dir = pathlib.Path(data_dir).expanduser()
-        missing = _missing_files(manual_dir) if manual_dir.is_dir() else list(FILES)
-        if missing:
-            raise DataError(
-                f"data folder {manual_dir} is missing {', '.join(missing)}: "
-                f"tensorflow-datasets needs the four original .gz files there"
-            )
-        download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-
-    tfds.display_progress_bar(progress)
-    try:
-        builder = tfds.builder("fashion_mnist", data_dir=str(tfds_dir))
-        if not builder.is_prepared():
-            if data_dir is None and not download:
-                raise DataError(
-                    f"tensorflow-datasets has not prepared fashion_mnist in {tfds_dir} and "
-                    "download is disabled. Fix: pass a folder with the four original .gz "
-                    "files as data_dir, or allow the download"
-                )
-            builder.download_and_prepare(download_config=download_config)
-        train = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1, as_supervised=True))
-        test = tfds.as_numpy(builder.as_dataset(split="test", batch_size=-1, as_supervised=True))
-    except NonMatchingChecksumError:
-        # tensorflow-datasets checks the sha256 of the .gz files, which differs
-        # for re-packed copies such as Debian's even when the data is identical.
-        raise DataError(
-            f"tensorflow-datasets rejected the .gz files in {data_dir} because their checksums "
-            "differ from Zalando's originals (re-packed copies such as Debian's differ). "
-            "Fix: use source 'idx', which checks the decompressed data, or use the original files"
-        ) from None
-    except ModuleNotFoundError as err:
-        # tensorflow-datasets 4.9.10 imports importlib_resources without
-        # declaring it as a dependency.
-        raise DataError(
-            f"tensorflow-datasets failed to import its dependency {err.name}. "
-            f"Fix: pip install {err.name}"
-        ) from None
-    except tfds.download.DownloadError as err:
-        raise DataError(
-            f"tensorflow-datasets failed to download fashion_mnist: {err}. Fix: pass a folder "
-            "with the four original .gz files as data_dir"
-        ) from None
-
-    return Dataset(
-        train_images=_tfds_images(train[0]),
-        train_labels=train[1].astype(np.uint8),
-        test_images=_tfds_images(test[0]),
-        test_labels=test[1].astype(np.uint8),
-        source=f"tfds fashion_mnist {builder.version} in {tfds_dir}",
-    )
-
-
-def _tfds_images(images: np.ndarray) -> np.ndarray:
-    # tensorflow-datasets returns (N, 28, 28, 1). Dropping the channel axis is a view.
-    return images.reshape(images.shape[:3])
