@@ -85,10 +85,11 @@ def run(options: Options, dataset: data.Dataset | None = None) -> dict[str, Any]
         if options.checkpoint_overhead:
             result["checkpoint"] = _checkpoint_overhead(config, dataset, mesh, options.rounds)
 
-    result["peak_rss_mib"] = _peak_rss_mib(resource.RUSAGE_SELF)
+    # Linux reports ru_maxrss in KiB. The peer's peak is not reported, because a spawned
+    # child's ru_maxrss can include this process's resident pages from before its exec.
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if peer:
-        result["peer"] = {**result.get("peer", {}), **peer.describe(),
-                          "peak_rss_mib": _peak_rss_mib(resource.RUSAGE_CHILDREN)}
+        result["peer"] = {**result.get("peer", {}), **peer.describe()}
     result["machine"]["load_average_end"] = list(os.getloadavg())
     return result
 
@@ -120,11 +121,6 @@ def _machine() -> dict[str, Any]:
             "device_count": jax.device_count(), "load_average_start": list(os.getloadavg())}
 
 
-def _peak_rss_mib(who: int) -> float:
-    # Linux reports ru_maxrss in KiB. For RUSAGE_CHILDREN it is the largest finished child.
-    return round(resource.getrusage(who).ru_maxrss / 1024, 1)
-
-
 def _seconds(values: list[float]) -> list[float]:
     return [round(value, 3) for value in values]
 
@@ -142,8 +138,6 @@ class _EpochRunner:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"invalid --batch-size {config.batch_size}: it exceeds the "
                               f"{len(self.splits.train[0])} training examples")
-        # NOTE: `build_state` is private to train_loop. It is used here so that the
-        # state is built and placed exactly as the trainer builds it.
         self.state = train_loop.build_state(config, 0, self.steps_per_epoch, mesh)
         self.index_sharding = distributed.batch_sharded(mesh)
         self.epoch = 0
@@ -177,12 +171,10 @@ class _EpochRunner:
         return time.perf_counter() - started
 
     def _read_totals(self, totals: dict[str, jax.Array]) -> None:
-        # The trainer reads these scalars after every chunk, which waits for the chunk to finish.
-        if totals["nonfinite"].item():
-            raise NonFiniteLossError(f"the loss became non-finite at step {int(self.state.step) + 1} "
-                                     "of the benchmark; lower the learning rate")
-        for name in ("loss_sum", "accuracy_sum", "steps", "last_lr"):
-            totals[name].item()
+        # The trainer copies these scalars to the host after every chunk, which waits for the chunk.
+        if jax.device_get(totals)["nonfinite"]:
+            raise NonFiniteLossError(f"the loss became non-finite in epoch {self.epoch + 1} of the "
+                                     "benchmark; pass a preset whose learning rate trains stably")
 
     def evaluate(self) -> float:
         """Evaluate on the validation split (if any) and the test split; return the wall seconds."""
@@ -239,6 +231,11 @@ def _summarize_peer(rows: list[dict[str, Any]], median_train_s: float) -> dict[s
             "ratio_ours_to_peer": round(median_train_s / peer_train_s, 3)}
 
 
+def _in_turn(names: tuple[str, ...], number: int) -> tuple[str, ...]:
+    """Return `names` forwards in odd rounds and backwards in even ones, so neither always goes first."""
+    return names if number % 2 else names[::-1]
+
+
 def _compare_augment(config: TrainConfig, dataset: data.Dataset, mesh: jax.sharding.Mesh,
                      rounds: int) -> dict[str, Any]:
     """Alternate train epochs with no augmentation and with `config.augment`; return the time ratio."""
@@ -249,8 +246,8 @@ def _compare_augment(config: TrainConfig, dataset: data.Dataset, mesh: jax.shard
 
     times: dict[str, list[float]] = {name: [] for name in runners}
     for number in range(1, rounds + 1):
-        for name, runner in runners.items():
-            times[name].append(runner.train_epoch())
+        for name in _in_turn(tuple(runners), number):
+            times[name].append(runners[name].train_epoch())
             logger.info("round %d/%d: augment %s train %.2f s", number, rounds, name, times[name][-1])
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -262,52 +259,62 @@ def _compare_augment(config: TrainConfig, dataset: data.Dataset, mesh: jax.shard
 
 def _checkpoint_overhead(config: TrainConfig, dataset: data.Dataset, mesh: jax.sharding.Mesh,
                          rounds: int) -> dict[str, Any]:
-    """Alternate epochs (train and eval) without and with an Orbax save at the end; return the cost."""
+    """Alternate epochs (train and eval) without and with an asynchronous Orbax save; return the cost."""
     runner = _EpochRunner(config, dataset, mesh)
     runner.train_epoch()
     runner.evaluate()
-    plain_s, saved_s, call_s, wait_s = [], [], [], []
+    plain_s: list[float] = []
+    saved: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-benchmark-") as folder:
         checkpoints = RunCheckpoints(pathlib.Path(folder) / "checkpoints", config.keep)
         try:
-            _save_and_wait(checkpoints, runner)  # the first save sets up Orbax's threads
+            _time_saved_epoch(checkpoints, runner)  # the first save starts Orbax's threads
             for number in range(1, rounds + 1):
-                plain_s.append(runner.train_epoch() + runner.evaluate())
-                epoch_s = runner.train_epoch() + runner.evaluate()
-                save_call_s, save_wait_s = _save_and_wait(checkpoints, runner)
-                saved_s.append(epoch_s + save_call_s + save_wait_s)
-                call_s.append(save_call_s)
-                wait_s.append(save_wait_s)
+                for name in _in_turn(("plain", "saved"), number):
+                    if name == "plain":
+                        plain_s.append(runner.train_epoch() + runner.evaluate())
+                    else:
+                        saved.append(_time_saved_epoch(checkpoints, runner))
                 logger.info("round %d/%d: epoch %.2f s, with save %.2f s", number, rounds,
-                            plain_s[-1], saved_s[-1])
+                            plain_s[-1], saved[-1]["epoch_s"])
         finally:
             checkpoints.close()
-    return _summarize_overhead(plain_s, saved_s, call_s, wait_s)
+    return _summarize_overhead(plain_s, saved)
 
 
-def _save_and_wait(checkpoints: RunCheckpoints, runner: _EpochRunner) -> tuple[float, float]:
-    """Save as the trainer does at an epoch end; return the seconds of the call and of the wait after it."""
+def _time_saved_epoch(checkpoints: RunCheckpoints, runner: _EpochRunner) -> dict[str, float]:
+    """Start a save as the trainer does at an epoch end, then train and evaluate one epoch while it writes.
+
+    Returns the seconds of the whole, of the save call, and of the wait for the
+    write after the epoch, which the trainer's next save would block on.
+    """
     epoch = runner.epoch
     metadata = {"config": runner.config.to_dict(), "epoch": epoch,
                 "history": [{"epoch": number} for number in range(1, epoch + 1)],
                 "segments": [], "epoch_progress": {"loss_sum": 0.0, "accuracy_sum": 0.0, "steps": 0}}
     started = time.perf_counter()
     checkpoints.save(runner.state, metadata)
-    returned = time.perf_counter()
+    call_s = time.perf_counter() - started
+    runner.train_epoch()
+    runner.evaluate()
+    waited = time.perf_counter()
     checkpoints.wait()
-    return returned - started, time.perf_counter() - returned
+    finished = time.perf_counter()
+    return {"epoch_s": finished - started, "call_s": call_s, "wait_s": finished - waited}
 
 
-def _summarize_overhead(plain_s: list[float], saved_s: list[float], call_s: list[float],
-                        wait_s: list[float]) -> dict[str, Any]:
+def _summarize_overhead(plain_s: list[float], saved: list[dict[str, float]]) -> dict[str, Any]:
     plain = statistics.median(plain_s)
-    # The saved epochs wait for the background write, which the trainer overlaps with
-    # the next epoch, so overhead_pct is an upper bound. Counting only the blocking
-    # save call gives the lower bound.
-    return {"epoch_s": _seconds(plain_s), "epoch_with_save_s": _seconds(saved_s),
-            "save_call_s": _seconds(call_s), "save_wait_s": _seconds(wait_s),
-            "overhead_pct": round(100 * (statistics.median(saved_s) - plain) / plain, 2),
-            "blocking_overhead_pct": round(100 * statistics.median(call_s) / plain, 2)}
+    blocking_s = statistics.median(row["call_s"] + row["wait_s"] for row in saved)
+    # Each round pairs a plain and a saved epoch run back to back, so the paired
+    # difference cancels slow drifts in machine load that the two medians would not.
+    paired_pct = [100 * (row["epoch_s"] - seconds) / seconds for row, seconds in zip(saved, plain_s)]
+    return {"epoch_s": _seconds(plain_s),
+            "epoch_with_save_s": _seconds([row["epoch_s"] for row in saved]),
+            "save_call_s": _seconds([row["call_s"] for row in saved]),
+            "save_wait_s": _seconds([row["wait_s"] for row in saved]),
+            "overhead_pct": round(statistics.median(paired_pct), 2),
+            "blocking_overhead_pct": round(100 * blocking_s / plain, 2)}
 
 
 class _EpochEndTimes(logging.Handler):
