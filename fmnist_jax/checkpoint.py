@@ -46,9 +46,10 @@ class RunCheckpoints:
             create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=_best_metric if keep_best else None, best_mode="max")
-        self.directory = directory
+        # Orbax rejects relative paths when it finalises an asynchronous save.
+        self.directory = pathlib.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            directory, item_names=(STATE_ITEM, METADATA_ITEM), options=options)
+            self.directory, item_names=(STATE_ITEM, METADATA_ITEM), options=options)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -15,10 +15,10 @@ from tests.conftest import REPO, shared_data_dir
 SUBSET = 2048  # training examples: 64 steps an epoch at batch 32
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 600, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "FMNIST_DATA_DIR": str(shared_data_dir()), "FMNIST_CACHE_DIR": "/nonexistent"}
     return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
@@ -82,6 +82,16 @@ def test_plots_are_written(tmp_path, real_data_dir):
     assert result.returncode == 0, result.stderr
     for name in ("curves.png", "predictions.png"):
         assert (tmp_path / "p" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_relative_checkpoint_folder_works(tmp_path, real_data_dir):
+    # The default --ckpt-dir is the relative path ckpts.
+    args = ["--train-examples", "320", "--val-split", "64", "--epochs", "2", "--no-plots"]
+    first = run_cli("--run", "r", *args, "--epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("--resume", *args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert checkpoint_steps(tmp_path / "ckpts" / "r") == [8, 16]
 
 
 def test_help_lists_every_flag_with_default():
