@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the peer then uses its own default)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed epochs of each variant, after one warm-up epoch (default: 3)")
+
     parser.add_argument("--peer", action="store_true",
                         help="alternate each round with one epoch of the PyTorch peer (default: off)")
     parser.add_argument("--peer-script", type=pathlib.Path,
@@ -58,15 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the PyTorch peer script (default: %(default)s)")
     parser.add_argument("--peer-max-epochs", type=int, default=100,
                         help="maximum epochs of the peer's time-to-accuracy run (default: 100)")
+
     parser.add_argument("--compare-augment", action="store_true",
                         help="alternate epochs without and with --augment, and report the time "
                              "ratio (default: off)")
     parser.add_argument("--checkpoint-overhead", action="store_true",
-                        help="alternate epochs without and with an Orbax save at the end, and "
-                             "report the overhead in percent (default: off)")
+                        help="alternate epochs without and with an asynchronous Orbax save "
+                             "writing during them, and report the overhead in percent "
+                             "(default: off)")
     parser.add_argument("--time-to-accuracy", type=float, metavar="ACCURACY",
-                        help="run the trainer from process start until the test accuracy reaches "
+                        help="run the trainer for the preset's epochs and report the seconds "
+                             "from process start until the test accuracy first reached "
                              "ACCURACY, such as 0.90; runs alone (default: off)")
+
     settings = parser.add_argument_group("settings", "Unset flags take the preset's value.")
     for flag, field, kind, text in CONFIG_FLAGS:
         settings.add_argument(flag, dest=field, type=kind, default=None, help=text)

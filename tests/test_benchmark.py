@@ -75,7 +75,8 @@ def test_epochs_with_peer_and_extras(stub_peer):
     assert len(checkpoint["epoch_with_save_s"]) == 2
     assert all(seconds > 0 for seconds in checkpoint["save_call_s"])
     assert math.isfinite(checkpoint["overhead_pct"])
-    assert_positive(checkpoint, "blocking_overhead_pct")
+    assert_positive(checkpoint, "blocking_overhead_pct", "serial_overhead_pct")
+    assert len(checkpoint["serial_save_s"]) == 2
 
 
 def test_time_to_accuracy_with_peer_cap(stub_peer):
