@@ -41,7 +41,7 @@ class RunCheckpoints:
                 get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False))
         # cleanup_tmp_directories removes only unfinished saves, such as one cut by kill -9.
         # best_fn makes Orbax write each step's metrics beside it, so that BestN still
-        # knows the best step after the run folder is reopened on resume.
+        # finds the best step after the run folder is reopened on resume.
         options = ocp.CheckpointManagerOptions(
             create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),

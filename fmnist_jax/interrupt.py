@@ -42,7 +42,7 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         # 128 + SIGINT is the shell's code for Ctrl-C. After SIGTERM the job saved and can be
-        # resumed, so it exits 0 like any clean shutdown a preempting scheduler asks for.
+        # resumed, so it exits 0 like any clean shutdown a preempting scheduler requests.
         return 130 if self.signal_name == "SIGINT" else 0
 
     def __enter__(self) -> StopRequest:

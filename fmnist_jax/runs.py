@@ -26,7 +26,7 @@ DEFAULT_ROOT = pathlib.Path("ckpts")
 CHECKPOINTS = "checkpoints"
 LOCK_FILE = ".lock"
 UNRESTORABLE = "unrestorable"
-# What Orbax, TensorStore and json raise on missing, truncated or garbled checkpoint files.
+# Exception types that Orbax, TensorStore and json raise on missing, truncated or garbled checkpoint files.
 CORRUPTION_ERRORS = (ValueError, KeyError, TypeError, EOFError, FileNotFoundError,
                      NotADirectoryError)
 

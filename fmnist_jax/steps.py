@@ -127,7 +127,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices
       state: the state to update; its buffers are donated.
       images: (N, 28, 28) uint8, the whole training set, resident on device.
       labels: (N,) int32.
-      indices: (K, B) int32, the example indices of the next K batches; rows at or
+      indices: (K, B) int32, the example indices of the next K batches. Rows at or
         past `num_steps` are ignored, so one compiled loop serves every chunk length.
       num_steps: scalar int32, at most K.
       augmentation: the name of the augmentation applied to each batch.
