@@ -79,10 +79,11 @@ conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 def _full_patches(x: jax.Array) -> jax.Array:
     """Map (C, H, W, N) to (9C, H, W, N), row index (i*3 + j)*C + c."""
-    height, width = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return jnp.concatenate([padded[:, i:i + height, j:j + width, :]
-                            for i in range(3) for j in range(3)], axis=0)
+    # Built as row shifts of the column patches. Written as nine slices of one padded
+    # array, the patches cost XLA on CPU nine separate copies before the concatenation.
+    height = x.shape[1]
+    padded = jnp.pad(_column_patches(x), ((0, 0), (1, 1), (0, 0), (0, 0)))
+    return jnp.concatenate([padded[:, i:i + height] for i in range(3)], axis=0)
 
 
 @jax.custom_vjp

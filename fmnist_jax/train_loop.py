@@ -22,7 +22,7 @@ from fmnist_jax.config import SCHEDULE_FIELDS, SEGMENT_FIELDS, TrainConfig
 from fmnist_jax.data import Dataset
 from fmnist_jax.errors import ConfigError, NonFiniteLossError
 from fmnist_jax.interrupt import Interrupted, StopRequest
-from fmnist_jax.model import CNN, resolve_conv
+from fmnist_jax.model import build_model
 from fmnist_jax.splits import Splits, evaluate, place_splits
 from fmnist_jax.steps import TrainState, create_train_state, train_steps
 
@@ -47,7 +47,7 @@ class RunResult:
 
 def build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
                  mesh: Mesh) -> TrainState:
-    model = CNN(width=config.width, conv=resolve_conv(config.conv))
+    model = build_model(config.width, config.conv)
     state = create_train_state(model, optim.build_direction(config),
                                optim.build_schedule(config, schedule_start, steps_per_epoch),
                                config.seed)
@@ -59,7 +59,7 @@ def build_state(config: TrainConfig, schedule_start: int, steps_per_epoch: int,
 def restore_template(config: TrainConfig) -> TrainState:
     """Return an abstract state: the structure, shapes and placement that a checkpoint of `config` restores into."""
     mesh = make_mesh()
-    model = CNN(width=config.width, conv=resolve_conv(config.conv))
+    model = build_model(config.width, config.conv)
     abstract = jax.eval_shape(lambda: create_train_state(
         model, optim.build_direction(config), optim.build_schedule(config, 0, 1), config.seed))
     replicated = distributed.replicated(mesh)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from fmnist_jax.model import CNN, max_pool_2x2, resolve_conv
+from fmnist_jax.model import CNN, build_model, max_pool_2x2, resolve_conv
 
 
 def count_params(params) -> int:
@@ -54,6 +54,29 @@ def test_implementations_share_params_and_outputs(width):
         return jax.grad(loss)(params)
 
     chex.assert_trees_all_close(grads(matmul), grads(xla), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 6])
+def test_groups_share_params_and_match_one_group(batch):
+    images = jnp.asarray(np.random.default_rng(2).random((batch, 28, 28, 1), np.float32))
+    labels = jnp.arange(batch) % 10
+    whole, halves = CNN(width=4, conv="matmul"), CNN(width=4, conv="matmul", groups=2)
+    params = whole.init(jax.random.PRNGKey(0), images)
+    chex.assert_trees_all_equal(halves.init(jax.random.PRNGKey(0), images), params)
+    np.testing.assert_allclose(halves.apply(params, images), whole.apply(params, images),
+                               rtol=1e-6, atol=1e-6)
+
+    def grads(model):
+        return jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(p, images), labels).mean())(params)
+
+    chex.assert_trees_all_close(grads(halves), grads(whole), rtol=1e-5, atol=1e-7)
+
+
+def test_build_model_groups_by_convolution():
+    assert jax.device_count() == 1
+    assert build_model(8, "matmul").groups == 2
+    assert build_model(8, "xla").groups == 1
 
 
 def test_checkpoint_restores_under_other_implementation(tmp_path):
