@@ -20,8 +20,12 @@ MAX_TRANSLATE = 4
 
 def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
     """Flip each image of (B, H, W, C) left to right with probability 1/2."""
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
-    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+    return apply("flip", key, images)
+
+
+def flip_where(flips: jax.Array, images: jax.Array) -> jax.Array:
+    """Flip left to right each image of (B, H, W, C) whose entry in `flips`, (B,) bool, is true."""
+    return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
 
 
 # The ops below follow torchvision 0.28's tensor functions on one (H, W, C) float
@@ -104,7 +108,9 @@ def _equalize_channel(image: jax.Array) -> jax.Array:
 
 def equalize(image: jax.Array, magnitude: ArrayLike) -> jax.Array:
     """Return `image` histogram-equalised over 256 levels, channel by channel."""
-    return jax.vmap(_equalize_channel, in_axes=-1, out_axes=-1)(image)
+    # A loop over the 1 or 3 channels, not vmap, because under the batch's vmap a
+    # vmapped histogram adds an index column to its scatter.
+    return jnp.stack([_equalize_channel(image[..., c]) for c in range(image.shape[-1])], axis=-1)
 
 
 # A geometric op is a 2x3 matrix [a, b, tx, c, d, ty] mapping output pixel coordinates,
@@ -236,39 +242,60 @@ def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike) -> ja
     return jnp.stack([warped, *others])[jnp.asarray(_ROWS)[index]]
 
 
-def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-    """Return an op index into `OPS` and a signed magnitude for each of `batch` examples.
+def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Return an op index into `OPS`, a signed magnitude and a flip for each of `batch` examples.
 
-    The draw is torchvision's TrivialAugmentWide: an op uniformly, one of
-    `NUM_BINS` bins uniformly, and for signed ops a random sign.
+    The op draw is torchvision's TrivialAugmentWide: an op uniformly, one of
+    `NUM_BINS` bins uniformly, and for signed ops a random sign. Each flip, (B,)
+    bool, is true with probability 1/2.
     """
-    # One call for all three draws, since each jax.random call runs its own threefry
+    # One call for all four draws, since each jax.random call runs its own threefry
     # loop on CPU. Taking 32 random bits modulo 13 or 31 is biased by under 1e-8.
-    op_bits, bin_bits, sign_bits = jax.random.bits(key, (3, batch))
+    op_bits, bin_bits, sign_bits, flip_bits = jax.random.bits(key, (4, batch))
     indices = (op_bits % len(OPS)).astype(jnp.int32)
     bins = (bin_bits % NUM_BINS).astype(jnp.int32)
     negate = ((sign_bits & 1) == 1) & jnp.asarray(_SIGNED)[indices]
     magnitudes = jnp.where(negate, -1.0, 1.0) * jnp.asarray(_MAGNITUDES)[indices, bins]
-    return indices, magnitudes
+    return indices, magnitudes, (flip_bits & 1) == 1
 
 
 def trivial_augment(key: jax.Array, images: jax.Array) -> jax.Array:
-    """Apply TrivialAugment-Wide (Müller and Hutter, 2021) to each image of (B, H, W, C)."""
-    indices, magnitudes = draw_ops(key, images.shape[0])
-    return jax.vmap(_augment_one)(images, indices, magnitudes)
+    """Flip each image of (B, H, W, C) at random, then apply TrivialAugment-Wide (Müller and Hutter, 2021)."""
+    return apply_drawn("trivial", draw_ops(key, images.shape[0]), images)
+
+
+def draw(name: str, key: jax.Array, batch: int) -> tuple[jax.Array, ...]:
+    """Return the random choices that the method `name` makes for `batch` images.
+
+    Drawing apart from `apply_drawn` lets a training loop draw for many steps in
+    one call.
+    """
+    if name == "none":
+        return ()
+    if name == "flip":
+        return (jax.random.bernoulli(key, 0.5, (batch,)),)
+    if name == "trivial":
+        return draw_ops(key, batch)
+    raise ValueError(f"unknown augmentation {name!r}")
+
+
+def apply_drawn(name: str, draws: tuple[jax.Array, ...], images: jax.Array) -> jax.Array:
+    """Return `images` (B, H, W, C) float in [0, 1] augmented by the method `name` with `draw`'s choices."""
+    if name == "none":
+        return images
+    if name == "flip":
+        (flips,) = draws
+        return flip_where(flips, images)
+    if name == "trivial":
+        indices, magnitudes, flips = draws
+        return jax.vmap(_augment_one)(flip_where(flips, images), indices, magnitudes)
+    raise ValueError(f"unknown augmentation {name!r}")
 
 
 def apply(name: str, key: jax.Array, images: jax.Array) -> jax.Array:
     """Return `images` (B, H, W, C) float in [0, 1] augmented by the method `name`.
 
     "trivial" flips each image at random, as the original recipe does, and then
-    applies `trivial_augment`.
+    applies TrivialAugment-Wide.
     """
-    if name == "none":
-        return images
-    if name == "flip":
-        return random_flip(key, images)
-    if name == "trivial":
-        flip_key, augment_key = jax.random.split(key)
-        return trivial_augment(augment_key, random_flip(flip_key, images))
-    raise ValueError(f"unknown augmentation {name!r}")
+    return apply_drawn(name, draw(name, key, images.shape[0]), images)

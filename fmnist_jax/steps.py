@@ -138,12 +138,18 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices
       whose loss was not finite. That step's update is not applied.
     """
 
+    # The augmentation draws for the whole chunk in one call, since on CPU each
+    # jax.random call runs its own threefry loop. Step s still uses the key fold_in(rng, s).
+    chunk_steps = state.step + jnp.arange(indices.shape[0], dtype=state.step.dtype)
+    chunk_draws = jax.vmap(lambda step: augment.draw(
+        augmentation, jax.random.fold_in(state.rng, step), indices.shape[1]))(chunk_steps)
+
     def run_one(carry):
         state, totals, i = carry
         batch_indices = indices[i]
-        key = jax.random.fold_in(state.rng, state.step)
+        draws = jax.tree.map(lambda chunk: chunk[i], chunk_draws)
         batch = {
-            "image": augment.apply(augmentation, key, images_to_float(images[batch_indices])),
+            "image": augment.apply_drawn(augmentation, draws, images_to_float(images[batch_indices])),
             "label": labels[batch_indices],
         }
         new_state, metrics = _train_step(state, batch)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from fmnist_jax import optim, steps
+from fmnist_jax import augment, optim, steps
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.model import CNN
 
@@ -97,6 +97,25 @@ def test_train_steps_compiles_once_for_any_chunk_length():
         assert int(totals["steps"]) == num_steps
     assert steps.train_steps._cache_size() == compiled
     assert int(state.step) == 10
+
+
+@pytest.mark.parametrize("augmentation", ["flip", "trivial"])
+def test_train_steps_matches_single_steps(augmentation):
+    # Each step augments with the key fold_in(rng, step), whichever chunk it runs in.
+    state = make_state().replace(step=jnp.int32(7))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (64, 28, 28)), jnp.uint8)
+    labels = jnp.arange(64, dtype=jnp.int32) % 10
+    indices = jnp.asarray(np.random.default_rng(1).permutation(64)[:24].reshape(3, 8), jnp.int32)
+    expected = state
+    for row in indices:
+        key = jax.random.fold_in(expected.rng, expected.step)
+        image = augment.apply(augmentation, key, steps.images_to_float(images[row]))
+        expected, _ = steps.train_step(expected, {"image": image, "label": labels[row]})
+    looped, totals = steps.train_steps(state, images, labels, indices, jnp.int32(3),
+                                       augmentation=augmentation)
+    assert int(totals["steps"]) == 3
+    assert int(looped.step) == 10
+    chex.assert_trees_all_close(looped.params, expected.params, rtol=1e-5, atol=1e-6)
 
 
 def test_train_steps_stops_before_nonfinite_loss():
