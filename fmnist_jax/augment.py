@@ -242,26 +242,26 @@ def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike) -> ja
     return jnp.stack([warped, *others])[jnp.asarray(_ROWS)[index]]
 
 
-def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Return an op index into `OPS`, a signed magnitude and a flip for each of `batch` examples.
+def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Return an op index into `OPS` and a signed magnitude for each of `batch` examples.
 
-    The op draw is torchvision's TrivialAugmentWide: an op uniformly, one of
-    `NUM_BINS` bins uniformly, and for signed ops a random sign. Each flip, (B,)
-    bool, is true with probability 1/2.
+    The draw is torchvision's TrivialAugmentWide: an op uniformly, one of
+    `NUM_BINS` bins uniformly, and for signed ops a random sign.
     """
-    # One call for all four draws, since each jax.random call runs its own threefry
+    # One call for all three draws, since each jax.random call runs its own threefry
     # loop on CPU. Taking 32 random bits modulo 13 or 31 is biased by under 1e-8.
-    op_bits, bin_bits, sign_bits, flip_bits = jax.random.bits(key, (4, batch))
+    op_bits, bin_bits, sign_bits = jax.random.bits(key, (3, batch))
     indices = (op_bits % len(OPS)).astype(jnp.int32)
     bins = (bin_bits % NUM_BINS).astype(jnp.int32)
     negate = ((sign_bits & 1) == 1) & jnp.asarray(_SIGNED)[indices]
     magnitudes = jnp.where(negate, -1.0, 1.0) * jnp.asarray(_MAGNITUDES)[indices, bins]
-    return indices, magnitudes, (flip_bits & 1) == 1
+    return indices, magnitudes
 
 
 def trivial_augment(key: jax.Array, images: jax.Array) -> jax.Array:
-    """Flip each image of (B, H, W, C) at random, then apply TrivialAugment-Wide (Müller and Hutter, 2021)."""
-    return apply_drawn("trivial", draw_ops(key, images.shape[0]), images)
+    """Apply TrivialAugment-Wide (Müller and Hutter, 2021) to each image of (B, H, W, C)."""
+    indices, magnitudes = draw_ops(key, images.shape[0])
+    return jax.vmap(_augment_one)(images, indices, magnitudes)
 
 
 def draw(name: str, key: jax.Array, batch: int) -> tuple[jax.Array, ...]:
@@ -275,7 +275,8 @@ def draw(name: str, key: jax.Array, batch: int) -> tuple[jax.Array, ...]:
     if name == "flip":
         return (jax.random.bernoulli(key, 0.5, (batch,)),)
     if name == "trivial":
-        return draw_ops(key, batch)
+        flip_key, augment_key = jax.random.split(key)
+        return (jax.random.bernoulli(flip_key, 0.5, (batch,)), *draw_ops(augment_key, batch))
     raise ValueError(f"unknown augmentation {name!r}")
 
 
@@ -287,7 +288,7 @@ def apply_drawn(name: str, draws: tuple[jax.Array, ...], images: jax.Array) -> j
         (flips,) = draws
         return flip_where(flips, images)
     if name == "trivial":
-        indices, magnitudes, flips = draws
+        flips, indices, magnitudes = draws
         return jax.vmap(_augment_one)(flip_where(flips, images), indices, magnitudes)
     raise ValueError(f"unknown augmentation {name!r}")
 

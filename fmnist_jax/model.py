@@ -69,34 +69,39 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 def build_model(width: int, conv: str) -> CNN:
     """Return the CNN for a config's `width` and `conv`, set up for the backend that runs it."""
     conv = resolve_conv(conv)
-    # On CPU two half batches keep both cores busy, because XLA's CPU runtime runs
-    # independent operations at once and most of these matmuls are too small to split
-    # well on their own. With width 8 and batch 32 on 2 cores (jaxlib 0.10.2) a training
-    # step took about 0.85x the time of one whole batch, and four groups were slower.
-    # With several devices each one already has its own share of the batch.
-    groups = 2 if conv == "matmul" and jax.device_count() == 1 else 1
-    return CNN(width=width, conv=conv, groups=groups)
+    # On CPU two half batches keep both cores of a 2-core machine busy, because XLA's CPU
+    # runtime runs independent operations at once and most of these matmuls are too
+    # small to split well on their own. With width 8 and batch 32 on 2 cores (jaxlib
+    # 0.10.2) a training step took about 0.85x the time of one whole batch, and four
+    # slices were slower. With several devices each one already has its own share.
+    # NOTE: 2 was measured on 2 cores only; machines with more cores may want more.
+    split = conv == "matmul" and jax.default_backend() == "cpu" and jax.device_count() == 1
+    return CNN(width=width, conv=conv, batch_slices=2 if split else 1)
 
 
 class CNN(nn.Module):
     """Maps a batch of (28, 28, 1) images in [0, 1] to (batch, 10) logits.
 
-    `groups` runs that many slices of the batch through the layers independently,
-    with shared params. The logits equal those of one group up to float rounding.
+    `batch_slices` runs that many slices of the batch through the layers
+    independently, with shared params, so that XLA may run them at the same time.
+    The logits equal those of one slice up to float rounding.
     """
 
     width: int = 8
     conv: str = "xla"
-    groups: int = 1
+    batch_slices: int = 1
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
+        if self.batch_slices < 1:
+            raise ValueError(f"invalid batch_slices {self.batch_slices}: it must be at least 1")
         layers = [Conv3x3(self.width, self.conv, pool=index % 2 == 1) for index in range(4)]
         # Both dense layers have nn.Dense's params under the same name.
         dense = nn.Dense(10, name="Dense_0") if self.conv == "xla" else DenseCHWN(10, name="Dense_0")
-        bounds = np.linspace(0, images.shape[0], min(self.groups, images.shape[0]) + 1).astype(int)
+        slices = min(self.batch_slices, images.shape[0])
+        bounds = np.linspace(0, images.shape[0], slices + 1).astype(int)
         logits = []
-        # Each group reuses the same layer objects, so they share params.
+        # Each slice reuses the same layer objects, so they share params.
         for start, stop in zip(bounds[:-1], bounds[1:]):
             x = images[start:stop]
             if self.conv == "matmul":

@@ -57,10 +57,10 @@ def test_implementations_share_params_and_outputs(width):
 
 
 @pytest.mark.parametrize("batch", [1, 5, 6])
-def test_groups_share_params_and_match_one_group(batch):
+def test_batch_slices_share_params_and_outputs(batch):
     images = jnp.asarray(np.random.default_rng(2).random((batch, 28, 28, 1), np.float32))
     labels = jnp.arange(batch) % 10
-    whole, halves = CNN(width=4, conv="matmul"), CNN(width=4, conv="matmul", groups=2)
+    whole, halves = CNN(width=4, conv="matmul"), CNN(width=4, conv="matmul", batch_slices=2)
     params = whole.init(jax.random.PRNGKey(0), images)
     chex.assert_trees_all_equal(halves.init(jax.random.PRNGKey(0), images), params)
     np.testing.assert_allclose(halves.apply(params, images), whole.apply(params, images),
@@ -73,10 +73,17 @@ def test_groups_share_params_and_match_one_group(batch):
     chex.assert_trees_all_close(grads(halves), grads(whole), rtol=1e-5, atol=1e-7)
 
 
-def test_build_model_groups_by_convolution():
-    assert jax.device_count() == 1
-    assert build_model(8, "matmul").groups == 2
-    assert build_model(8, "xla").groups == 1
+def test_batch_slices_below_one_rejected():
+    with pytest.raises(ValueError, match="invalid batch_slices 0"):
+        CNN(width=4, conv="matmul", batch_slices=0).init(jax.random.PRNGKey(0),
+                                                         jnp.zeros((2, 28, 28, 1)))
+
+
+def test_build_model_slices_by_backend(monkeypatch):
+    assert build_model(8, "matmul").batch_slices == 2
+    assert build_model(8, "xla").batch_slices == 1
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    assert build_model(8, "matmul").batch_slices == 1
 
 
 def test_checkpoint_restores_under_other_implementation(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from fmnist_jax import augment, optim, steps
 from fmnist_jax.config import TrainConfig
-from fmnist_jax.model import CNN
+from fmnist_jax.model import CNN, build_model
 
 
 def make_state(width: int = 4, lr: float = 1e-2, conv: str = "matmul",
@@ -116,6 +116,33 @@ def test_train_steps_matches_single_steps(augmentation):
     assert int(totals["steps"]) == 3
     assert int(looped.step) == 10
     chex.assert_trees_all_close(looped.params, expected.params, rtol=1e-5, atol=1e-6)
+
+
+def test_train_steps_chunk_split_is_bitwise_equal():
+    # As in a resume or an epoch's shorter last chunk: the same 4 steps as [4] and as
+    # [1, 3] with padded rows, on the model the trainer builds for CPU.
+    config = TrainConfig(width=4, batch_size=9, augment="trivial")
+    state = steps.create_train_state(build_model(4, "matmul"), optim.build_direction(config),
+                                     optim.build_schedule(config, 0, steps_per_epoch=10), seed=0)
+    assert state.apply_fn.__self__.batch_slices == 2
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (64, 28, 28)), jnp.uint8)
+    labels = jnp.arange(64, dtype=jnp.int32) % 10
+    rows = np.random.default_rng(1).permutation(64)[:36].reshape(4, 9)
+
+    def run(state, chunks):
+        state = jax.tree.map(jnp.copy, state)  # train_steps donates its input state
+        for start, length in chunks:
+            chunk = np.zeros((4, 9), np.int32)
+            chunk[:length] = rows[start:start + length]
+            state, _ = steps.train_steps(state, images, labels, jnp.asarray(chunk),
+                                         jnp.int32(length), augmentation="trivial")
+        return state
+
+    whole = run(state, [(0, 4)])
+    split = run(state, [(0, 1), (1, 3)])
+    assert int(whole.step) == int(split.step) == 4
+    chex.assert_trees_all_equal(whole.params, split.params)
+    chex.assert_trees_all_equal(whole.opt_state, split.opt_state)
 
 
 def test_train_steps_stops_before_nonfinite_loss():
