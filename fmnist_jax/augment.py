@@ -281,7 +281,7 @@ def draw(name: str, key: jax.Array, batch: int) -> tuple[jax.Array, ...]:
 
 
 def apply_drawn(name: str, draws: tuple[jax.Array, ...], images: jax.Array) -> jax.Array:
-    """Return `images` (B, H, W, C) float in [0, 1] augmented by the method `name` with `draw`'s choices."""
+    """Return `images` (B, H, W, C) float in [0, 1] augmented by method `name` with `draw`'s choices."""
     if name == "none":
         return images
     if name == "flip":
