@@ -69,12 +69,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 def build_model(width: int, conv: str) -> CNN:
     """Return the CNN for a config's `width` and `conv`, set up for the backend that runs it."""
     conv = resolve_conv(conv)
-    # On CPU two half batches keep both cores of a 2-core machine busy, because XLA's
-    # CPU runtime runs independent operations at once and most of these matmuls are
-    # too small to split well on their own. With width 8 and batch 32 on 2 cores
-    # (jaxlib 0.10.2) a training step took about 0.85x the time of one whole batch,
-    # and four slices were slower. With several devices each one has its own share.
-    # NOTE: 2 was measured on 2 cores only, and more cores may run faster with more.
+    # XLA's CPU runtime runs two half batches on two cores at once, which these small
+    # matmuls do not manage alone. On 2 cores a step took about 0.85x the time of one.
+    # NOTE: two slices were measured on 2 cores only. More cores may gain from more.
+    # With several devices each one already has its own share of the batch.
     split = conv == "matmul" and jax.default_backend() == "cpu" and jax.device_count() == 1
     return CNN(width=width, conv=conv, batch_slices=2 if split else 1)
 

@@ -17,7 +17,6 @@ STARTED = time.time()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
@@ -25,6 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fmnist_jax import benchmark  # noqa: E402
+from fmnist_jax import cli  # noqa: E402
 from fmnist_jax import config as config_lib  # noqa: E402
 from fmnist_jax.errors import UserError  # noqa: E402
 
@@ -80,11 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = {field: getattr(args, field) for _, field, _, _ in CONFIG_FLAGS
-                 if getattr(args, field) is not None}
+    cli.configure_logging()
+    overrides = cli.config_overrides(args, CONFIG_FLAGS)
     options = benchmark.Options(
         preset=args.preset, overrides=overrides, data_dir=args.data_dir, rounds=args.rounds,
         peer_script=args.peer_script if args.peer else None,

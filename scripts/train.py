@@ -10,7 +10,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import pathlib
 import sys
 
@@ -18,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from fmnist_jax import cli  # noqa: E402
 from fmnist_jax import config as config_lib  # noqa: E402
 from fmnist_jax import runs  # noqa: E402
 from fmnist_jax.errors import UserError  # noqa: E402
@@ -84,11 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = {field: getattr(args, field) for _, field, _, _ in CONFIG_FLAGS
-                 if getattr(args, field) is not None}
+    cli.configure_logging()
+    overrides = cli.config_overrides(args, CONFIG_FLAGS)
     try:
         # Log lines go through tqdm, so they do not break a progress bar in the middle.
         with logging_redirect_tqdm():

@@ -119,8 +119,8 @@ def test_train_steps_matches_single_steps(augmentation):
 
 
 def test_train_steps_chunk_split_is_bitwise_equal():
-    # As in a resume or an epoch's shorter last chunk: the same 4 steps as [4] and as
-    # [1, 3] with padded rows, on the model the trainer builds for CPU.
+    # The same 4 steps run as one chunk and as chunks of 1 and 3 (with a padded row),
+    # as a resume or an epoch's shorter last chunk splits them, on the CPU model.
     config = TrainConfig(width=4, batch_size=9, augment="trivial")
     state = steps.create_train_state(build_model(4, "matmul"), optim.build_direction(config),
                                      optim.build_schedule(config, 0, steps_per_epoch=10), seed=0)
