@@ -78,7 +78,7 @@ def build_model(width: int, conv: str) -> CNN:
 
 
 class CNN(nn.Module):
-    """Maps a batch of (28, 28, 1) images in [0, 1] to (batch, 10) logits.
+    """A CNN that maps a batch of (28, 28, 1) images in [0, 1] to (batch, 10) logits.
 
     `batch_slices` runs that many slices of the batch through the layers
     independently, with shared params, so that XLA may run them at the same time.
