@@ -48,8 +48,11 @@ class RunCheckpoints:
             best_fn=_best_metric if keep_best else None, best_mode="max")
         # Orbax rejects relative paths when it finalises an asynchronous save.
         self.directory = pathlib.Path(directory).absolute()
+        # Naming the handlers lets a reopened manager read a step's array metadata.
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=(STATE_ITEM, METADATA_ITEM), options=options)
+            self.directory, options=options,
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           METADATA_ITEM: ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -100,6 +103,11 @@ class RunCheckpoints:
         """Return `template` with the arrays of checkpoint `step`, placed as `template`'s are."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays_of(template))
         try:
+            # Checked first because a restore that fails on a shape leaves Orbax's
+            # read tasks pending, with their errors logged later from another thread.
+            mismatch = _params_mismatch(self._stored_params(step), abstract["params"])
+            if mismatch:
+                raise ValueError(mismatch)
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardRestore(abstract)}))
         except ValueError as error:
@@ -109,6 +117,11 @@ class RunCheckpoints:
                 "another step with --resume-from") from error
         logger.debug("restored step %d from %s", step, self.directory)
         return template.replace(**restored[STATE_ITEM])
+
+    def _stored_params(self, step: int) -> Any:
+        """Return the shape and dtype metadata of the parameters saved at `step`."""
+        stored = self._manager.item_metadata(step)[STATE_ITEM]
+        return getattr(stored, "tree", stored)["params"]
 
     def wait(self) -> None:
         """Block until every pending save is on disk; raise CheckpointError if one failed."""
@@ -129,6 +142,20 @@ class RunCheckpoints:
             self._manager.close()
         except Exception as error:
             raise self._save_failed(None, error) from error
+
+
+def _params_mismatch(stored: Any, wanted: Any) -> str | None:
+    """Describe the first parameter whose saved shape or dtype differs from `wanted`'s, if any."""
+    saved_by_path = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(wanted)[0]:
+        name = "params" + jax.tree_util.keystr(path)
+        saved = saved_by_path.get(path)
+        if saved is None:
+            return f"{name} is not in the checkpoint"
+        if tuple(saved.shape) != tuple(leaf.shape) or saved.dtype != leaf.dtype:
+            return (f"{name} is {saved.dtype}{list(saved.shape)} in the checkpoint and "
+                    f"{leaf.dtype}{list(leaf.shape)} in this model")
+    return None
 
 
 def _best_metric(metrics: dict[str, float]) -> float:

@@ -12,13 +12,7 @@ from fmnist_jax.data import FILES, DataError, Dataset, missing_files, default_ca
 
 def load(data_dir: str | os.PathLike | None, *, download: bool, progress: bool) -> Dataset:
     """Load Fashion-MNIST with tensorflow-datasets, preparing it from `data_dir` as manual_dir if given."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise DataError(
-            "tensorflow-datasets is not installed, so source 'tfds' is unavailable. "
-            "Fix: pip install 'fmnist-jax[tfds]', or use source 'idx'"
-        ) from None
+    tfds = _import_tfds()
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     tfds_dir = default_cache_dir() / "tensorflow_datasets"
@@ -74,6 +68,28 @@ def load(data_dir: str | os.PathLike | None, *, download: bool, progress: bool) 
         test_labels=test[1].astype(np.uint8),
         source=f"tfds fashion_mnist {builder.version} in {tfds_dir}",
     )
+
+
+def _import_tfds():
+    """Return tensorflow-datasets' public API, or raise DataError naming why it is unavailable."""
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        raise DataError(
+            "tensorflow-datasets is not installed, so source 'tfds' is unavailable. "
+            "Fix: pip install 'fmnist-jax[tfds]', or use source 'idx'"
+        ) from None
+    # tensorflow-datasets 4.9.10 catches and only logs any error raised while
+    # importing its public API, which leaves a package without `builder` or
+    # `download`. Importing that module directly raises the error instead.
+    try:
+        from tensorflow_datasets import public_api
+    except Exception as err:
+        raise DataError(
+            f"tensorflow-datasets is installed but failed to import: {type(err).__name__}: {err}. "
+            "Fix: pip install --force-reinstall 'fmnist-jax[tfds]', or use source 'idx'"
+        ) from err
+    return public_api
 
 
 def _tfds_images(images: np.ndarray) -> np.ndarray:

@@ -106,6 +106,8 @@ def test_other_width_is_rejected(tmp_path):
     checkpoints = RunCheckpoints(tmp_path, keep=1)
     checkpoints.save(fresh_state(width=4).replace(step=1), {})
     checkpoints.wait()
-    with pytest.raises(CheckpointError, match="cannot be restored into this model"):
+    with pytest.raises(CheckpointError, match="cannot be restored into this model") as info:
         checkpoints.restore(1, fresh_state(width=6))
+    assert ("params['Conv3x3_0']['bias'] is float32[4] in the checkpoint and float32[6] "
+            "in this model") in str(info.value)
     checkpoints.close()

@@ -571,6 +571,39 @@ def test_tfds_not_installed(monkeypatch):
         data.load(source="tfds")
 
 
+@pytest.fixture
+def tfds_with_broken_api(tmp_path, monkeypatch):
+    """Put a tensorflow_datasets package first on sys.path whose public API fails to import.
+
+    Its __init__ swallows the error, as tensorflow-datasets 4.9.10's does, so
+    `import tensorflow_datasets` succeeds and returns a package without `builder`.
+    """
+    package = tmp_path / "site" / "tensorflow_datasets"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "try:\n    from tensorflow_datasets.public_api import *\nexcept Exception:\n    pass\n")
+    (package / "public_api.py").write_text(
+        "raise ImportError('libtensorflow_framework.so.2: cannot allocate memory in static TLS block')\n")
+    real = {name: module for name, module in sys.modules.items()
+            if name.partition(".")[0] == "tensorflow_datasets"}
+    for name in real:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield
+    for name in [name for name in sys.modules if name.partition(".")[0] == "tensorflow_datasets"]:
+        del sys.modules[name]
+    sys.modules.update(real)
+
+
+def test_tfds_import_error_is_named(tfds_with_broken_api, shared_dir):
+    with pytest.raises(data.DataError) as info:
+        data.load(source="tfds", data_dir=shared_dir, progress=False)
+
+    message = str(info.value)
+    assert "failed to import: ImportError: libtensorflow_framework.so.2" in message
+    assert "source 'idx'" in message
+
+
 @pytest.mark.skipif(not HAS_TFDS, reason="needs tensorflow-datasets: pip install .[tfds]")
 def test_tfds_manual_dir_missing_file(shared_dir, tmp_path):
     folder = link_files(shared_dir, tmp_path / "manual", ALL_BUT_TEST_LABELS)
