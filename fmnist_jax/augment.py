@@ -228,17 +228,28 @@ _WARPS = np.array([op.warp is not None for op in OPS.values()])
 _ROWS = np.where(_WARPS, 0, np.cumsum(~_WARPS))
 
 
-def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike) -> jax.Array:
-    """Return one (H, W, C) image transformed by op number `index` of `OPS` at `magnitude`."""
+def _warp_matrix(index: jax.Array, magnitude: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+    """Return the warp matrix of op number `index` of `OPS`; photometric ops get the identity."""
+    return jax.lax.select_n(index, *[(op.warp or _no_warp)(magnitude, shape) for op in OPS.values()])
+
+
+def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike, matrix: jax.Array,
+                 done: dict[str, jax.Array]) -> jax.Array:
+    """Return one (H, W, C) image transformed by op number `index` of `OPS` at `magnitude`.
+
+    `matrix` is `_warp_matrix(index, magnitude, image.shape)`. `done` maps names of
+    ops without a magnitude to their output for this image, computed beforehand.
+    """
     # Every op runs and one output is picked, as vmap of lax.switch compiles to, but the
     # geometric ops share one gather. The pick indexes a stack because XLA on CPU fuses
     # an elementwise select_n, with every op feeding it, into each of its consumers, and
-    # the CPU convolution has nine. In `steps.train_steps` (width 8, batch 32, a shared
-    # 2-core CPU) a step took about 1.1-1.2x the time of "none" this way, against about
-    # 1.5x with select_n or with vmap of lax.switch.
-    matrices = [(op.warp or _no_warp)(magnitude, image.shape) for op in OPS.values()]
-    warped = _warp(image, jax.lax.select_n(index, *matrices))
-    others = [op.function(image, magnitude) for op in OPS.values() if op.warp is None]
+    # the CPU convolution has nine. With select_n or vmap of lax.switch, a step of
+    # `steps.train_steps` (width 8, batch 32, 2-core CPU) took about 1.5x the time of
+    # "none". XLA fuses this whole function into one loop over the pixels, so the
+    # caller passes the matrix: selected here, it would be selected again per pixel.
+    warped = _warp(image, matrix)
+    others = [done[name] if name in done else op.function(image, magnitude)
+              for name, op in OPS.items() if op.warp is None]
     return jnp.stack([warped, *others])[jnp.asarray(_ROWS)[index]]
 
 
@@ -261,35 +272,80 @@ def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
 def trivial_augment(key: jax.Array, images: jax.Array) -> jax.Array:
     """Apply TrivialAugment-Wide (Müller and Hutter, 2021) to each image of (B, H, W, C)."""
     indices, magnitudes = draw_ops(key, images.shape[0])
-    return jax.vmap(_augment_one)(images, indices, magnitudes)
+    matrices = jax.vmap(_warp_matrix, (0, 0, None))(indices, magnitudes, images.shape[1:])
+    return jax.vmap(_augment_one)(images, indices, magnitudes, matrices, {})
 
 
-def draw(name: str, key: jax.Array, batch: int) -> tuple[jax.Array, ...]:
-    """Return the random choices that the method `name` makes for `batch` images.
+def draw(name: str, key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """Return the random choices that the method `name` makes for images of `shape` (B, H, W, C).
 
     Drawing apart from `apply_drawn` lets a training loop draw for many steps in
-    one call.
+    one call. For "trivial" the choices include each image's warp matrix, so the
+    loop computes those once per chunk as well.
     """
+    batch = shape[0]
     if name == "none":
         return ()
     if name == "flip":
         return (jax.random.bernoulli(key, 0.5, (batch,)),)
     if name == "trivial":
         flip_key, augment_key = jax.random.split(key)
-        return (jax.random.bernoulli(flip_key, 0.5, (batch,)), *draw_ops(augment_key, batch))
+        indices, magnitudes = draw_ops(augment_key, batch)
+        matrices = jax.vmap(_warp_matrix, (0, 0, None))(indices, magnitudes, tuple(shape[1:]))
+        return (jax.random.bernoulli(flip_key, 0.5, (batch,)), indices, magnitudes, matrices)
     raise ValueError(f"unknown augmentation {name!r}")
 
 
-def apply_drawn(name: str, draws: tuple[jax.Array, ...], images: jax.Array) -> jax.Array:
-    """Return `images` (B, H, W, C) float in [0, 1] augmented by method `name` with `draw`'s choices."""
+def precompute(name: str, images: jax.Array) -> tuple[jax.Array, ...]:
+    """Compute, once per training set, the per-image arrays that method `name` can reuse.
+
+    Args:
+      name: the augmentation method.
+      images: (N, H, W) uint8.
+
+    Returns:
+      For "trivial", the histogram-equalised images as (N, H, W) uint8. The other
+      methods need nothing, so they get an empty tuple.
+    """
+    if name not in ("none", "flip", "trivial"):
+        raise ValueError(f"unknown augmentation {name!r}")
+    if name != "trivial":
+        return ()
+    return (_equalize_levels(images),)
+
+
+@jax.jit
+def _equalize_levels(images: jax.Array) -> jax.Array:
+    def equalize_one(levels: jax.Array) -> jax.Array:
+        # The same float image as `steps.images_to_float` makes. equalize returns
+        # whole levels divided by 255, which _to_levels recovers exactly.
+        image = (levels.astype(jnp.float32) / 255.0)[..., None]
+        return _to_levels(equalize(image, 0.0))[..., 0].astype(jnp.uint8)
+
+    # Batches of 1024 keep the int32 levels and histograms to a few MB.
+    return jax.lax.map(equalize_one, images, batch_size=1024)
+
+
+def apply_drawn(name: str, draws: tuple[jax.Array, ...], images: jax.Array,
+                precomputed: tuple[jax.Array, ...] = ()) -> jax.Array:
+    """Return `images` (B, H, W, C) float in [0, 1] augmented by method `name` with `draw`'s choices.
+
+    `precomputed` may hold this batch's rows of `precompute`'s arrays, as float
+    images like `images`. The result is bitwise the same with or without them.
+    """
     if name == "none":
         return images
     if name == "flip":
         (flips,) = draws
         return flip_where(flips, images)
     if name == "trivial":
-        flips, indices, magnitudes = draws
-        return jax.vmap(_augment_one)(flip_where(flips, images), indices, magnitudes)
+        flips, indices, magnitudes, matrices = draws
+        done = {}
+        if precomputed:
+            # The histogram ignores pixel order, so equalising commutes with the flip.
+            (equalized,) = precomputed
+            done["equalize"] = flip_where(flips, equalized)
+        return jax.vmap(_augment_one)(flip_where(flips, images), indices, magnitudes, matrices, done)
     raise ValueError(f"unknown augmentation {name!r}")
 
 
@@ -299,4 +355,4 @@ def apply(name: str, key: jax.Array, images: jax.Array) -> jax.Array:
     "trivial" flips each image at random, as the original recipe does, and then
     applies TrivialAugment-Wide.
     """
-    return apply_drawn(name, draw(name, key, images.shape[0]), images)
+    return apply_drawn(name, draw(name, key, images.shape), images)

@@ -164,7 +164,8 @@ class _EpochRunner:
                                           config.steps_per_dispatch)
             self.state, totals = train_steps(
                 self.state, *self.splits.train, distributed.to_global(chunk, self.index_sharding),
-                jnp.int32(num_steps), augmentation=config.augment)
+                jnp.int32(num_steps), augmentation=config.augment,
+                precomputed=self.splits.train_precomputed)
             self._read_totals(totals)
             self.chunk_seconds.append((num_steps, time.perf_counter() - chunk_started))
             position += num_steps

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fmnist_jax import batches, distributed
+from fmnist_jax import augment, batches, distributed
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.data import Dataset
 from fmnist_jax.distributed import to_global
@@ -26,6 +26,8 @@ class Splits:
     train: tuple[jax.Array, jax.Array]  # (N, 28, 28) uint8 images, (N,) int32 labels
     val: tuple[jax.Array, ...] | None  # stacked for `evaluate`
     test: tuple[jax.Array, ...]
+    # `augment.precompute` of the training images for the config's augmentation.
+    train_precomputed: tuple[jax.Array, ...] = ()
 
 
 def place_splits(dataset: Dataset, config: TrainConfig, mesh: Mesh) -> Splits:
@@ -46,11 +48,13 @@ def place_splits(dataset: Dataset, config: TrainConfig, mesh: Mesh) -> Splits:
     val = None
     if config.val_split:
         val = stack_for_eval(train_images[val_idx], train_labels[val_idx], eval_sharding)
+    train = to_global((train_images[train_idx], train_labels[train_idx].astype(np.int32)),
+                      replicated)
     return Splits(
-        train=to_global((train_images[train_idx], train_labels[train_idx].astype(np.int32)),
-                        replicated),
+        train=train,
         val=val,
         test=stack_for_eval(dataset.test_images, dataset.test_labels, eval_sharding),
+        train_precomputed=augment.precompute(config.augment, train[0]),
     )
 
 

@@ -120,7 +120,8 @@ def images_to_float(images: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("augmentation",), donate_argnums=0)
 def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array,
-                num_steps: jax.Array, augmentation: str) -> tuple[TrainState, Metrics]:
+                num_steps: jax.Array, augmentation: str,
+                precomputed: tuple[jax.Array, ...] = ()) -> tuple[TrainState, Metrics]:
     """Run up to `num_steps` training steps in one compiled loop; stop before a non-finite loss.
 
     Args:
@@ -131,6 +132,8 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices
         past `num_steps` are ignored, so one compiled loop serves every chunk length.
       num_steps: scalar int32, at most K.
       augmentation: the name of the augmentation applied to each batch.
+      precomputed: `augment.precompute(augmentation, images)`, or () to compute
+        everything on every step. The result is the same either way.
 
     Returns:
       The new state and summed metrics: "loss_sum", "accuracy_sum", "steps" run,
@@ -141,15 +144,18 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, indices
     # The augmentation draws for the whole chunk in one call, since on CPU each
     # jax.random call runs its own threefry loop. Step s still uses the key fold_in(rng, s).
     chunk_steps = state.step + jnp.arange(indices.shape[0], dtype=state.step.dtype)
+    batch_shape = (indices.shape[1], *images.shape[1:], 1)  # as images_to_float returns
     chunk_draws = jax.vmap(lambda step: augment.draw(
-        augmentation, jax.random.fold_in(state.rng, step), indices.shape[1]))(chunk_steps)
+        augmentation, jax.random.fold_in(state.rng, step), batch_shape))(chunk_steps)
 
     def run_one(carry):
         state, totals, i = carry
         batch_indices = indices[i]
         draws = jax.tree.map(lambda chunk: chunk[i], chunk_draws)
+        batch_precomputed = tuple(images_to_float(table[batch_indices]) for table in precomputed)
         batch = {
-            "image": augment.apply_drawn(augmentation, draws, images_to_float(images[batch_indices])),
+            "image": augment.apply_drawn(augmentation, draws, images_to_float(images[batch_indices]),
+                                         batch_precomputed),
             "label": labels[batch_indices],
         }
         new_state, metrics = _train_step(state, batch)

@@ -235,7 +235,8 @@ class _Loop:
                                               config.steps_per_dispatch)
                 state, totals = train_steps(
                     state, *self.splits.train, to_global(chunk, self.index_sharding),
-                    jnp.int32(num_steps), augmentation=config.augment)
+                    jnp.int32(num_steps), augmentation=config.augment,
+                    precomputed=self.splits.train_precomputed)
                 self._accumulate(jax.device_get(totals), step)
                 step += num_steps
                 position += num_steps

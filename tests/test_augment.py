@@ -219,8 +219,57 @@ def test_draw_ops_signs_only_signed_ops():
 def test_apply_matches_draw_then_apply_drawn():
     key, images = jax.random.PRNGKey(5), random_batch(32)
     for name in ("none", "flip", "trivial"):
-        expected = augment.apply_drawn(name, augment.draw(name, key, 32), images)
+        expected = augment.apply_drawn(name, augment.draw(name, key, images.shape), images)
         np.testing.assert_array_equal(augment.apply(name, key, images), expected)
+
+
+def equalize_draws(key: jax.Array, images: jnp.ndarray) -> tuple[jax.Array, ...]:
+    """Return "trivial" draws for `images` with every image's op set to equalize."""
+    flips, indices, magnitudes, matrices = augment.draw("trivial", key, images.shape)
+    indices = jnp.full_like(indices, list(augment.OPS).index("equalize"))
+    return flips, indices, magnitudes, matrices
+
+
+def few_level_batch() -> np.ndarray:
+    """Return uint8 images (4, 28, 28); equalize leaves the first, second and fourth unchanged."""
+    levels = np.full((4, 28, 28), 200, np.uint8)
+    levels[:, 0, :100 // 28] = 7
+    levels[1] = 0
+    levels[2, 5:9, 3:20] = 255
+    return levels
+
+
+def test_precompute_equalizes_each_image():
+    levels = np.concatenate([np.random.default_rng(2).integers(0, 256, (12, 28, 28), dtype=np.uint8),
+                             few_level_batch()])
+    (equalized,) = augment.precompute("trivial", jnp.asarray(levels))
+    assert equalized.dtype == jnp.uint8
+    for image, result in zip(steps.images_to_float(jnp.asarray(levels)), equalized):
+        expected = jax.jit(augment.equalize)(image, 0.0)
+        np.testing.assert_array_equal(steps.images_to_float(result[None])[0], expected)
+
+
+def test_precomputed_equalize_is_bitwise_equal():
+    levels = np.concatenate([np.random.default_rng(3).integers(0, 256, (28, 28, 28), dtype=np.uint8),
+                             few_level_batch()])
+    images = steps.images_to_float(jnp.asarray(levels))
+    (equalized,) = augment.precompute("trivial", jnp.asarray(levels))
+    draws = equalize_draws(jax.random.PRNGKey(4), images)
+    assert bool(draws[0].any())  # some images flipped
+    assert not bool(draws[0].all())  # and some not
+
+    apply = jax.jit(functools.partial(augment.apply_drawn, "trivial"))
+    with_table = apply(draws, images, (steps.images_to_float(equalized),))
+    without = apply(draws, images)
+    np.testing.assert_array_equal(with_table, without)
+
+
+def test_precompute_other_methods_need_nothing():
+    levels = jnp.zeros((2, 28, 28), jnp.uint8)
+    assert augment.precompute("none", levels) == ()
+    assert augment.precompute("flip", levels) == ()
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment.precompute("mixup", levels)
 
 
 def test_trivial_flips_then_augments():

@@ -145,6 +145,27 @@ def test_train_steps_chunk_split_is_bitwise_equal():
     chex.assert_trees_all_equal(whole.opt_state, split.opt_state)
 
 
+def test_train_steps_precomputed_is_bitwise_equal():
+    # The trainer passes augment.precompute's tables; the result must not depend on them.
+    config = TrainConfig(width=4, batch_size=9, augment="trivial")
+    state = steps.create_train_state(build_model(4, "matmul"), optim.build_direction(config),
+                                     optim.build_schedule(config, 0, steps_per_epoch=10), seed=0)
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (64, 28, 28)), jnp.uint8)
+    labels = jnp.arange(64, dtype=jnp.int32) % 10
+    indices = jnp.asarray(np.random.default_rng(1).permutation(64)[:36].reshape(4, 9), jnp.int32)
+
+    def run(precomputed):
+        start = jax.tree.map(jnp.copy, state)  # train_steps donates its input state
+        return steps.train_steps(start, images, labels, indices, jnp.int32(4),
+                                 augmentation="trivial", precomputed=precomputed)[0]
+
+    with_tables = run(augment.precompute("trivial", images))
+    without = run(())
+    assert int(with_tables.step) == 4
+    chex.assert_trees_all_equal(with_tables.params, without.params)
+    chex.assert_trees_all_equal(with_tables.opt_state, without.opt_state)
+
+
 def test_train_steps_stops_before_nonfinite_loss():
     state = make_state()
     images = jnp.zeros((16, 28, 28), jnp.uint8)
