@@ -121,7 +121,10 @@ class RunCheckpoints:
     def _stored_params(self, step: int) -> Any:
         """Return the shape and dtype metadata of the parameters saved at `step`."""
         stored = self._manager.item_metadata(step)[STATE_ITEM]
-        return getattr(stored, "tree", stored)["params"]
+        tree = getattr(stored, "tree", stored)
+        if not isinstance(tree, dict) or "params" not in tree:
+            raise ValueError(f"the array metadata of item '{STATE_ITEM}' is missing or has no params")
+        return tree["params"]
 
     def wait(self) -> None:
         """Block until every pending save is on disk; raise CheckpointError if one failed."""

@@ -87,7 +87,8 @@ def _import_tfds():
     except Exception as err:
         raise DataError(
             f"tensorflow-datasets is installed but failed to import: {type(err).__name__}: {err}. "
-            "Fix: pip install --force-reinstall 'fmnist-jax[tfds]', or use source 'idx'"
+            "Fix: if that names a missing or broken package, run pip install --force-reinstall "
+            "'fmnist-jax[tfds]'; otherwise use source 'idx'"
         ) from err
     return public_api
 

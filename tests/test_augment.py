@@ -233,7 +233,7 @@ def equalize_draws(key: jax.Array, images: jnp.ndarray) -> tuple[jax.Array, ...]
 def few_level_batch() -> np.ndarray:
     """Return uint8 images (4, 28, 28); equalize leaves the first, second and fourth unchanged."""
     levels = np.full((4, 28, 28), 200, np.uint8)
-    levels[:, 0, :100 // 28] = 7
+    levels[:, 0, :3] = 7
     levels[1] = 0
     levels[2, 5:9, 3:20] = 255
     return levels
@@ -262,6 +262,9 @@ def test_precomputed_equalize_is_bitwise_equal():
     with_table = apply(draws, images, (steps.images_to_float(equalized),))
     without = apply(draws, images)
     np.testing.assert_array_equal(with_table, without)
+    # The table is used: a wrong one changes the output.
+    wrong_table = apply(draws, images, (jnp.zeros_like(images),))
+    assert not np.array_equal(wrong_table, without)
 
 
 def test_precompute_other_methods_need_nothing():

@@ -102,6 +102,17 @@ def test_newer_format_version_is_rejected(tmp_path, monkeypatch):
     checkpoints.close()
 
 
+def test_missing_array_metadata_is_unrestorable(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    checkpoints.save(fresh_state(width=4).replace(step=1), {})
+    checkpoints.wait()
+    (tmp_path / "1" / "state" / "_METADATA").unlink()
+    with pytest.raises(CheckpointError, match="cannot be restored into this model") as info:
+        checkpoints.restore(1, fresh_state(width=4))
+    assert "array metadata of item 'state' is missing" in str(info.value)
+    checkpoints.close()
+
+
 def test_other_width_is_rejected(tmp_path):
     checkpoints = RunCheckpoints(tmp_path, keep=1)
     checkpoints.save(fresh_state(width=4).replace(step=1), {})

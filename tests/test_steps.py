@@ -159,11 +159,18 @@ def test_train_steps_precomputed_is_bitwise_equal():
         return steps.train_steps(start, images, labels, indices, jnp.int32(4),
                                  augmentation="trivial", precomputed=precomputed)[0]
 
+    drawn_ops = [augment.draw("trivial", jax.random.fold_in(state.rng, step), (9, 28, 28, 1))[1]
+                 for step in range(4)]
+    assert list(augment.OPS).index("equalize") in np.concatenate(drawn_ops)
+
     with_tables = run(augment.precompute("trivial", images))
     without = run(())
     assert int(with_tables.step) == 4
     chex.assert_trees_all_equal(with_tables.params, without.params)
     chex.assert_trees_all_equal(with_tables.opt_state, without.opt_state)
+    # The tables are used: a wrong one changes the params.
+    wrong_tables = run((jnp.zeros_like(images),))
+    assert not np.array_equal(wrong_tables.params["Dense_0"]["kernel"], without.params["Dense_0"]["kernel"])
 
 
 def test_train_steps_stops_before_nonfinite_loss():
