@@ -102,18 +102,28 @@ class RunCheckpoints:
     def restore(self, step: int, template: TrainState) -> TrainState:
         """Return `template` with the arrays of checkpoint `step`, placed as `template`'s are."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays_of(template))
+        path = self.directory / str(step)
         try:
-            # Checked first because a restore that fails on a shape leaves Orbax's
-            # read tasks pending, with their errors logged later from another thread.
-            mismatch = _params_mismatch(self._stored_params(step), abstract["params"])
-            if mismatch:
-                raise ValueError(mismatch)
+            stored = self._stored_params(step)
+        except (ValueError, OSError) as error:
+            raise UnrestorableCheckpointError(
+                f"checkpoint {path} has unreadable array metadata ({_first_line(error)}); "
+                "resume from another step with --resume-from") from error
+        # Checked before reading because a restore that fails on a shape leaves Orbax's
+        # read tasks pending, with their errors logged later from another thread.
+        mismatch = _params_mismatch(stored, abstract["params"])
+        if mismatch:
+            raise UnrestorableCheckpointError(
+                f"checkpoint {path} cannot be restored into this model ({mismatch}); resume "
+                "with the settings it was saved with, or from another step with --resume-from")
+        try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardRestore(abstract)}))
-        except ValueError as error:
+        except Exception as error:
+            # Orbax 0.12.8 raises a bare Exception when TensorStore cannot read an
+            # array's data, for example from a truncated or garbled file.
             raise UnrestorableCheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be restored into this model "
-                f"({_first_line(error)}); resume with the settings it was saved with, or from "
+                f"checkpoint {path} cannot be read ({_first_line(error)}); resume from "
                 "another step with --resume-from") from error
         logger.debug("restored step %d from %s", step, self.directory)
         return template.replace(**restored[STATE_ITEM])
@@ -122,7 +132,7 @@ class RunCheckpoints:
         """Return the shape and dtype metadata of the parameters saved at `step`."""
         stored = self._manager.item_metadata(step)[STATE_ITEM]
         tree = getattr(stored, "tree", stored)
-        if not isinstance(tree, dict) or "params" not in tree:
+        if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
             raise ValueError(f"the array metadata of item '{STATE_ITEM}' is missing or has no params")
         return tree["params"]
 
@@ -159,6 +169,24 @@ def _params_mismatch(stored: Any, wanted: Any) -> str | None:
             return (f"{name} is {saved.dtype}{list(saved.shape)} in the checkpoint and "
                     f"{leaf.dtype}{list(leaf.shape)} in this model")
     return None
+
+
+def unreadable_metrics(directory: pathlib.Path) -> list[tuple[int, ValueError]]:
+    """Return the steps under `directory` whose metrics file is not valid JSON, with the error.
+
+    Orbax parses every step's metrics file when a manager with `best_fn` opens the
+    folder, so one garbled file would stop `RunCheckpoints` from opening the run.
+    """
+    unreadable = []
+    for metrics_file in sorted(pathlib.Path(directory).glob("*/metrics/metrics")):
+        step = metrics_file.parent.parent.name
+        if not step.isdigit():
+            continue
+        try:
+            json.loads(metrics_file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            unreadable.append((int(step), ValueError(f"metrics file {metrics_file}: {error}")))
+    return sorted(unreadable)
 
 
 def _best_metric(metrics: dict[str, float]) -> float:

@@ -15,7 +15,7 @@ import jax
 
 from fmnist_jax import config as config_lib
 from fmnist_jax import data, distributed
-from fmnist_jax.checkpoint import RunCheckpoints
+from fmnist_jax.checkpoint import RunCheckpoints, unreadable_metrics
 from fmnist_jax.errors import CheckpointError, ConfigError, UnrestorableCheckpointError
 from fmnist_jax.interrupt import Interrupted, StopRequest
 from fmnist_jax.train_loop import Resume, RunResult, restore_template, train_and_evaluate
@@ -97,6 +97,10 @@ def find_resume_point(run_dir: pathlib.Path, resume_from: str = "latest",
     checkpoint with missing, truncated or garbled files is moved to
     `<run>/unrestorable/` with a warning, and the next older one is tried.
     """
+    # NOTE: with several processes only process 0 moves such a step, and another
+    # process may open the folder before the move; that process then fails to start.
+    for step, error in unreadable_metrics(run_dir / CHECKPOINTS):
+        _set_aside(step, run_dir / CHECKPOINTS, error)
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1, keep_best=True)
     try:
         for step in _pick_steps(checkpoints, resume_from):

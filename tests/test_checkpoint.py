@@ -6,7 +6,7 @@ import chex
 import pytest
 
 from fmnist_jax import checkpoint, optim, steps
-from fmnist_jax.checkpoint import RunCheckpoints
+from fmnist_jax.checkpoint import RunCheckpoints, unreadable_metrics
 from fmnist_jax.config import TrainConfig
 from fmnist_jax.errors import CheckpointError
 from fmnist_jax.model import CNN
@@ -107,10 +107,35 @@ def test_missing_array_metadata_is_unrestorable(tmp_path):
     checkpoints.save(fresh_state(width=4).replace(step=1), {})
     checkpoints.wait()
     (tmp_path / "1" / "state" / "_METADATA").unlink()
-    with pytest.raises(CheckpointError, match="cannot be restored into this model") as info:
+    with pytest.raises(CheckpointError, match="has unreadable array metadata") as info:
         checkpoints.restore(1, fresh_state(width=4))
     assert "array metadata of item 'state' is missing" in str(info.value)
     checkpoints.close()
+
+
+def test_truncated_array_data_is_unrestorable(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=1)
+    checkpoints.save(fresh_state(width=4).replace(step=1), {})
+    checkpoints.wait()
+    data_files = [p for p in (tmp_path / "1" / "state").glob("ocdbt.process_*/d/*")]
+    assert data_files
+    for path in data_files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoints.restore(1, fresh_state(width=4))
+    checkpoints.close()
+
+
+def test_unreadable_metrics_are_listed(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep=3, keep_best=True)
+    for step in (1, 2):
+        checkpoints.save(fresh_state(width=4).replace(step=step), {},
+                         metrics={"val/accuracy": 0.5 + step / 10})
+    checkpoints.close()
+    (tmp_path / "2" / "metrics" / "metrics").write_text("{not json")
+    assert [step for step, _ in unreadable_metrics(tmp_path)] == [2]
+    with pytest.raises(ValueError):
+        RunCheckpoints(tmp_path, keep=3, keep_best=True)
 
 
 def test_other_width_is_rejected(tmp_path):

@@ -132,11 +132,20 @@ def test_kill9_chaos_matches_reference(real_data_dir, tmp_path):
     assert (tmp_path / "chaos" / ".lock").exists()  # left by kill -9, and no obstacle
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete", "truncate_array_data",
+                                    "garble_metrics"])
 def test_corrupt_latest_falls_back(reference, tmp_path, damage):
     run_dir = copy_run(reference, tmp_path)
     latest = run_dir / "checkpoints" / str(TOTAL_STEPS)
     files = sorted(p for p in (latest / "state").rglob("*") if p.is_file() and p.stat().st_size)
+    if damage == "truncate_array_data":
+        # Damage only the array data, so that the metadata reads and Orbax fails on the arrays.
+        files = sorted(p for p in (latest / "state").glob("ocdbt.process_*/d/*") if p.stat().st_size)
+        assert files
+        damage = "truncate"
+    if damage == "garble_metrics":
+        files = [latest / "metrics" / "metrics"]
+        damage = "garble"
     for path in files:
         if damage == "truncate":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
