@@ -228,16 +228,24 @@ _WARPS = np.array([op.warp is not None for op in OPS.values()])
 _ROWS = np.where(_WARPS, 0, np.cumsum(~_WARPS))
 
 
-def _warp_matrix(index: jax.Array, magnitude: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-    """Return the warp matrix of op number `index` of `OPS`; photometric ops get the identity."""
-    return jax.lax.select_n(index, *[(op.warp or _no_warp)(magnitude, shape) for op in OPS.values()])
+def _warp_matrices(indices: jax.Array, magnitudes: jax.Array,
+                   shape: tuple[int, ...]) -> jax.Array:
+    """Return each image's warp matrix, (B, 6), for images of `shape` (H, W, C).
+
+    Photometric ops get the identity matrix.
+    """
+    def one_matrix(index: jax.Array, magnitude: jax.Array) -> jax.Array:
+        return jax.lax.select_n(index, *[(op.warp or _no_warp)(magnitude, shape)
+                                         for op in OPS.values()])
+
+    return jax.vmap(one_matrix)(indices, magnitudes)
 
 
 def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike, matrix: jax.Array,
                  done: dict[str, jax.Array]) -> jax.Array:
     """Return one (H, W, C) image transformed by op number `index` of `OPS` at `magnitude`.
 
-    `matrix` is `_warp_matrix(index, magnitude, image.shape)`. `done` maps names of
+    `matrix` is this image's row of `_warp_matrices`. `done` maps names of
     ops without a magnitude to their output for this image, computed beforehand.
     """
     # Every op runs and one output is picked, as vmap of lax.switch compiles to, but the
@@ -246,7 +254,7 @@ def _augment_one(image: jax.Array, index: jax.Array, magnitude: ArrayLike, matri
     # the CPU convolution has nine. With select_n or vmap of lax.switch, a step of
     # `steps.train_steps` (width 8, batch 32, 2-core CPU) took about 1.5x the time of
     # "none". XLA fuses this whole function into one loop over the pixels, so the
-    # caller passes the matrix: selected here, it would be selected again per pixel.
+    # caller passes the matrix. Selected here, it would be selected again per pixel.
     warped = _warp(image, matrix)
     others = [done[name] if name in done else op.function(image, magnitude)
               for name, op in OPS.items() if op.warp is None]
@@ -272,7 +280,7 @@ def draw_ops(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
 def trivial_augment(key: jax.Array, images: jax.Array) -> jax.Array:
     """Apply TrivialAugment-Wide (Müller and Hutter, 2021) to each image of (B, H, W, C)."""
     indices, magnitudes = draw_ops(key, images.shape[0])
-    matrices = jax.vmap(_warp_matrix, (0, 0, None))(indices, magnitudes, images.shape[1:])
+    matrices = _warp_matrices(indices, magnitudes, images.shape[1:])
     return jax.vmap(_augment_one)(images, indices, magnitudes, matrices, {})
 
 
@@ -291,7 +299,7 @@ def draw(name: str, key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, 
     if name == "trivial":
         flip_key, augment_key = jax.random.split(key)
         indices, magnitudes = draw_ops(augment_key, batch)
-        matrices = jax.vmap(_warp_matrix, (0, 0, None))(indices, magnitudes, tuple(shape[1:]))
+        matrices = _warp_matrices(indices, magnitudes, tuple(shape[1:]))
         return (jax.random.bernoulli(flip_key, 0.5, (batch,)), indices, magnitudes, matrices)
     raise ValueError(f"unknown augmentation {name!r}")
 
@@ -304,14 +312,14 @@ def precompute(name: str, images: jax.Array) -> tuple[jax.Array, ...]:
       images: (N, H, W) uint8.
 
     Returns:
-      For "trivial", the histogram-equalised images as (N, H, W) uint8. The other
+      For "trivial", the histogram-equalized images as (N, H, W) uint8. The other
       methods need nothing, so they get an empty tuple.
     """
-    if name not in ("none", "flip", "trivial"):
-        raise ValueError(f"unknown augmentation {name!r}")
-    if name != "trivial":
+    if name in ("none", "flip"):
         return ()
-    return (_equalize_levels(images),)
+    if name == "trivial":
+        return (_equalize_levels(images),)
+    raise ValueError(f"unknown augmentation {name!r}")
 
 
 @jax.jit
@@ -342,7 +350,7 @@ def apply_drawn(name: str, draws: tuple[jax.Array, ...], images: jax.Array,
         flips, indices, magnitudes, matrices = draws
         done = {}
         if precomputed:
-            # The histogram ignores pixel order, so equalising commutes with the flip.
+            # The histogram ignores pixel order, so equalizing commutes with the flip.
             (equalized,) = precomputed
             done["equalize"] = flip_where(flips, equalized)
         return jax.vmap(_augment_one)(flip_where(flips, images), indices, magnitudes, matrices, done)

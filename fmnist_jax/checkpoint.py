@@ -157,10 +157,10 @@ class RunCheckpoints:
             raise self._save_failed(None, error) from error
 
 
-def _params_mismatch(stored: Any, wanted: Any) -> str | None:
-    """Describe the first parameter whose saved shape or dtype differs from `wanted`'s, if any."""
+def _params_mismatch(stored: Any, expected: Any) -> str | None:
+    """Describe the first parameter whose saved shape or dtype differs from `expected`'s, if any."""
     saved_by_path = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
-    for path, leaf in jax.tree_util.tree_flatten_with_path(wanted)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
         name = "params" + jax.tree_util.keystr(path)
         saved = saved_by_path.get(path)
         if saved is None:
@@ -184,7 +184,7 @@ def unreadable_metrics(directory: pathlib.Path) -> list[tuple[int, ValueError]]:
             continue
         try:
             json.loads(metrics_file.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, OSError) as error:  # ValueError includes UnicodeDecodeError
             unreadable.append((int(step), ValueError(f"metrics file {metrics_file}: {error}")))
     return sorted(unreadable)
 

@@ -48,9 +48,9 @@ def load(data_dir: str | os.PathLike | None, *, download: bool, progress: bool) 
             "differ from Zalando's originals (re-packed copies such as Debian's differ). "
             "Fix: use source 'idx', which checks the decompressed data, or use the original files"
         ) from None
-    # NOTE: a module missing while tensorflow-datasets extracts the files on the first
-    # prepare (tensorflow itself, for one) reaches here as its ExtractError, which
-    # nothing below catches, so the user sees a traceback.
+    # NOTE: a module that is missing during the first prepare, such as tensorflow,
+    # arrives as tensorflow-datasets' ExtractError. No clause catches it, so it ends
+    # in a traceback.
     except ModuleNotFoundError as err:
         # tensorflow-datasets 4.9.10 imports importlib_resources without
         # declaring it as a dependency.

@@ -97,8 +97,8 @@ def find_resume_point(run_dir: pathlib.Path, resume_from: str = "latest",
     checkpoint with missing, truncated or garbled files is moved to
     `<run>/unrestorable/` with a warning, and the next older one is tried.
     """
-    # NOTE: with several processes only process 0 moves such a step, and another
-    # process may open the folder before the move; that process then fails to start.
+    # NOTE: with several processes only process 0 moves such a step. Another process
+    # can open the folder before the move, and then it fails to start.
     for step, error in unreadable_metrics(run_dir / CHECKPOINTS):
         _set_aside(step, run_dir / CHECKPOINTS, error)
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS, keep=1, keep_best=True)

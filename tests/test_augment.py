@@ -262,7 +262,7 @@ def test_precomputed_equalize_is_bitwise_equal():
     with_table = apply(draws, images, (steps.images_to_float(equalized),))
     without = apply(draws, images)
     np.testing.assert_array_equal(with_table, without)
-    # The table is used: a wrong one changes the output.
+    # A wrong table changes the output, which shows that the table is used.
     wrong_table = apply(draws, images, (jnp.zeros_like(images),))
     assert not np.array_equal(wrong_table, without)
 

@@ -146,7 +146,7 @@ def test_train_steps_chunk_split_is_bitwise_equal():
 
 
 def test_train_steps_precomputed_is_bitwise_equal():
-    # The trainer passes augment.precompute's tables; the result must not depend on them.
+    # The trainer passes augment.precompute's tables, and the result must not depend on them.
     config = TrainConfig(width=4, batch_size=9, augment="trivial")
     state = steps.create_train_state(build_model(4, "matmul"), optim.build_direction(config),
                                      optim.build_schedule(config, 0, steps_per_epoch=10), seed=0)
@@ -168,7 +168,7 @@ def test_train_steps_precomputed_is_bitwise_equal():
     assert int(with_tables.step) == 4
     chex.assert_trees_all_equal(with_tables.params, without.params)
     chex.assert_trees_all_equal(with_tables.opt_state, without.opt_state)
-    # The tables are used: a wrong one changes the params.
+    # A wrong table changes the params, which shows that the tables are used.
     wrong_tables = run((jnp.zeros_like(images),))
     assert not np.array_equal(wrong_tables.params["Dense_0"]["kernel"], without.params["Dense_0"]["kernel"])
 
